@@ -1,0 +1,110 @@
+"""SVDLinear: a Linear replaced by two plain Linears, y = svd_u(svd_v(x)).
+
+The children are ordinary ``nn.Linear`` so GPTQ, pruning and peft target them like any
+other Linear; their names (``svd_u``, ``svd_v``) do not match ``*_proj`` patterns. The bias
+of the original layer lives on ``svd_u``.
+
+Until its factors are set, an SVDLinear is *pending*: it still computes the original dense
+product (the dense weight is a non-persistent buffer, so it never reaches a checkpoint).
+This lets a recipe build the factor structure at initialize time, so that modifiers
+initialized after it (GPTQ) bind to the factors, while calibration still sees the
+original layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SVDLinear", "replace_module", "factorized_ranks"]
+
+
+class SVDLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"SVDLinear rank must be a positive integer; got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.svd_v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # (k, n)
+        self.svd_u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # (m, k)
+        self.register_buffer("dense_weight", None, persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.svd_v.out_features
+
+    @property
+    def pending(self) -> bool:
+        """True while the layer still computes with its original dense weight."""
+        return getattr(self, "dense_weight", None) is not None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "SVDLinear":
+        """A pending SVDLinear that keeps computing ``linear`` until ``set_factors``."""
+        W = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+            device=W.device, dtype=W.dtype,
+        )
+        layer.dense_weight = W.detach()
+        if linear.bias is not None:
+            layer.svd_u.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def set_factors(self, W_u: torch.Tensor, W_v: torch.Tensor) -> None:
+        """Write W_u (m, k) and W_v (k, n); a new k resizes the children in place.
+
+        The child modules keep their identity, so any modifier that has already bound
+        them (GPTQ's module table, a hook) still refers to the right objects.
+        """
+        k = W_v.shape[0]
+        if W_u.shape != (self.out_features, k) or W_v.shape != (k, self.in_features):
+            raise ValueError(
+                f"factor shapes {tuple(W_u.shape)} x {tuple(W_v.shape)} do not fit "
+                f"a ({self.out_features}, {self.in_features}) layer"
+            )
+        ref = self.svd_v.weight
+        self.svd_v.weight = nn.Parameter(W_v.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
+        self.svd_u.weight = nn.Parameter(W_u.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
+        self.svd_v.out_features = self.svd_u.in_features = k
+
+    def activate(self) -> None:
+        """Switch from the dense weight to the factors (drops the dense weight)."""
+        if "dense_weight" in self._buffers:
+            # `del`, not `= None`: compressed-tensors' offload cache rejects None values
+            del self._buffers["dense_weight"]
+
+    def dense(self) -> torch.Tensor:
+        """W' = W_u W_v (m, n), or the dense weight while pending."""
+        if self.pending:
+            return self.dense_weight
+        return self.svd_u.weight @ self.svd_v.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pending:
+            return F.linear(x, self.dense_weight, self.svd_u.bias)
+        return self.svd_u(self.svd_v(x))
+
+    def extra_repr(self) -> str:
+        state = ", pending" if self.pending else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{state}"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    """{module name: rank} of every SVDLinear in ``model``."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, SVDLinear)}

@@ -1,0 +1,3 @@
+from svdllm_plugin.modifiers.svd.base import SVDLLMModifier
+
+__all__ = ["SVDLLMModifier"]

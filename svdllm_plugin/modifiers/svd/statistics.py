@@ -1,0 +1,78 @@
+"""Calibration statistics per distinct Linear input, accumulated by forward-pre hooks.
+
+Modules that read the same input tensor (q/k/v, gate/up) share one accumulator: the hook
+sees the same tensor object for each of them within one forward, and groups them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["InputStatistics", "StatisticsCollector"]
+
+
+@dataclass
+class InputStatistics:
+    """Sums over calibration tokens of one input x (n,): H = sum x x^T, sum |x|, max |x|."""
+
+    H: torch.Tensor  # (n, n) float64
+    abs_sum: torch.Tensor  # (n,) float64, for ASVD's abs-mean scaling
+    abs_max: torch.Tensor  # (n,) float64, for ASVD's abs-max scaling
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, n: int, device) -> "InputStatistics":
+        zeros = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(n, n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros))
+
+    def add(self, x: torch.Tensor) -> None:
+        X = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, n)
+        self.H += (X.T @ X).to(torch.float64)
+        self.abs_sum += X.abs().sum(0).to(torch.float64)
+        self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
+        self.tokens += X.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """H / tokens: the same whitening up to scale, better conditioned numbers."""
+        return self.H / max(self.tokens, 1)
+
+
+@dataclass
+class StatisticsCollector:
+    """Routes each module's input to its group's accumulator."""
+
+    names: dict[nn.Module, str]
+    leader: dict[nn.Module, nn.Module] = field(default_factory=dict)
+    stats: dict[nn.Module, InputStatistics] = field(default_factory=dict)
+    _last_input: torch.Tensor | None = None
+    _last_module: nn.Module | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"non-finite activations (inf/nan) reach {self.names.get(module, module)}: "
+                "the model overflows on the calibration data; load it in float32 or bfloat16 "
+                "(not float16) and check the calibration text"
+            )
+        if module not in self.leader:
+            shared = x is self._last_input and self._last_module is not None
+            self.leader[module] = self.leader[self._last_module] if shared else module
+        self._last_input, self._last_module = x, module
+        lead = self.leader[module]
+        if lead is module:
+            if lead not in self.stats:
+                self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device)
+            self.stats[lead].add(x.detach())
+
+    def get(self, module: nn.Module) -> InputStatistics | None:
+        return self.stats.get(self.leader.get(module))
+
+    def release(self, modules) -> None:
+        """Free the accumulators of these modules' groups (and the held input)."""
+        for module in modules:
+            self.stats.pop(self.leader.get(module), None)
+        self._last_input = self._last_module = None
