@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny Llama (grouped-query attention) built in code, saved beside the
+real SmolLM2 tokenizer (oneshot reloads config and tokenizer from the model's folder)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+RECIPE_SVD = """
+svd_stage:
+  svd_modifiers:
+    SVDLLMModifier:
+      ratio: {ratio}
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The real model's converted HF folder (converted once into the user cache)."""
+    from svdllm_plugin.models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+        max_position_embeddings=256, tie_word_embeddings=True, **overrides,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny Llama (GQA: 4 heads, 2 KV heads) with the SmolLM2 tokenizer."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calib(tokenizer):
+    """8 samples x 32 tokens of the embedded calibration text."""
+    from svdllm_plugin.data import calibration_dataset, load_text
+
+    return calibration_dataset(tokenizer, load_text(None, "calibration"), num_samples=8, seq_len=32)
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir)
+
+
+def run_oneshot(model, calib, recipe):
+    from llmcompressor import oneshot
+
+    import svdllm_plugin  # noqa: F401
+
+    oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=len(calib[0]["input_ids"]))
+    return model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_stray_files():
+    """Tests must not leave files in the working tree."""
+    root = Path(__file__).resolve().parents[1]
+    before = set(os.listdir(root))
+    yield
+    stray = set(os.listdir(root)) - before
+    assert not stray, f"tests left files in the repo root: {sorted(stray)}"

@@ -1,0 +1,119 @@
+"""`svdllm compress` / `svdllm eval` on the tiny model, and every bad input of the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from svdllm_plugin.checkpoint import load_pretrained
+from svdllm_plugin.cli import main
+
+FAST = ["--num-samples", "4", "--seq-len", "32", "--eval-windows", "2"]
+
+
+def write_recipe(tmp_path, body: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    return str(path)
+
+
+def svd_recipe(tmp_path, **settings) -> str:
+    lines = "".join(f"      {k}: {v}\n" for k, v in {"ratio": 0.3, **settings}.items())
+    return write_recipe(tmp_path, f"svd_stage:\n  svd_modifiers:\n    SVDLLMModifier:\n{lines}")
+
+
+def test_compress_then_eval_json(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(tiny_dir), "--recipe", svd_recipe(tmp_path), "--output", str(out), *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "params (targeted)" in table and "held-out perplexity" in table and str(out) in table
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["svdllm"]["ranks"]) == 14
+    assert main(["eval", str(out), "--seq-len", "32", "--max-windows", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["perplexity"] > 1 and result["windows"] == 2
+    assert load_pretrained(out) is not None
+
+
+def _fails(argv, capsys, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"ratio": 1.5}, "must be in (0, 1)"),
+        ({"ratio": 0}, "must be in (0, 1)"),
+        ({"whitening": "qr"}, "cholesky"),
+        ({"targets": "['re:.*nothing$']"}, "no Linear modules matching"),
+    ],
+)
+def test_bad_recipe_settings(tiny_dir, tmp_path, capsys, settings, message):
+    out = tmp_path / "out"
+    _fails(["compress", "--model", str(tiny_dir), "--recipe", svd_recipe(tmp_path, **settings),
+            "--output", str(out), *FAST], capsys, message)
+    assert not out.exists() and os.listdir(tmp_path) == ["recipe.yaml"]
+
+
+def test_existing_output_is_refused_and_untouched(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fails(["compress", "--model", str(tiny_dir), "--output", str(out), *FAST], capsys, "--overwrite")
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_missing_model_path(tmp_path, capsys):
+    _fails(["compress", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], capsys, "does not exist")
+    _fails(["eval", str(tmp_path / "nope")], capsys, "does not exist")
+
+
+def test_missing_recipe_file(tiny_dir, tmp_path, capsys):
+    _fails(["compress", "--model", str(tiny_dir), "--recipe", str(tmp_path / "r.yaml"),
+            "--output", str(tmp_path / "o")], capsys, "recipe file")
+
+
+@pytest.mark.parametrize("text, message", [("", "empty"), ("just a few words", "tokens")])
+def test_empty_or_short_calibration_text(tiny_dir, tmp_path, capsys, text, message):
+    data = tmp_path / "calib.txt"
+    data.write_text(text)
+    out = tmp_path / "out"
+    _fails(["compress", "--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST],
+           capsys, message)
+    assert not out.exists()
+
+
+def test_interrupted_run_leaves_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
+    import llmcompressor
+
+    def interrupt(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmcompressor, "oneshot", interrupt)
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(tiny_dir), "--output", str(out), *FAST]) == 130
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_saving_twice_with_overwrite_replaces_atomically(tmp_path):
+    from svdllm_plugin.atomic import atomic_output_dir
+
+    target = tmp_path / "ckpt"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash mid-save")
+    assert (target / "a").read_text() == "1" and os.listdir(tmp_path) == ["ckpt"]
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "2" and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_eval_on_dense_model_json(tiny_dir, capsys):
+    assert main(["eval", str(tiny_dir), "--seq-len", "16", "--max-windows", "1", "--json"]) == 0
+    assert torch.isfinite(torch.tensor(json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"]))
