@@ -24,7 +24,9 @@ __all__ = ["CONFIG_KEY", "save_pretrained", "load_pretrained", "factorize_struct
 CONFIG_KEY = "svdllm"
 
 
-def save_pretrained(model, output_dir, tokenizer=None, overwrite: bool = False, extra: dict | None = None) -> Path:
+def save_pretrained(
+    model, output_dir, tokenizer=None, overwrite: bool = False, extra: dict | None = None
+) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``output_dir`` atomically.
 
     Refuses pending (not yet calibrated) layers: they would save placeholder factors.
@@ -54,11 +56,17 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, k in ranks.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"checkpoint names {name} as factorized but the model has {type(linear).__name__}")
+            raise ValueError(
+                f"checkpoint names {name} as factorized but the model has {type(linear).__name__}"
+            )
         W = linear.weight
         layer = SVDLinear(
-            linear.in_features, linear.out_features, k, bias=linear.bias is not None,
-            device=W.device, dtype=W.dtype,
+            linear.in_features,
+            linear.out_features,
+            k,
+            bias=linear.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
         )
         replace_module(model, name, layer)
 
@@ -100,7 +108,11 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     state = {}
     for file in files:
         if not (folder / file).exists():
@@ -110,6 +122,8 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _tied_keys(model) -> set[str]:
-    if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+        model.config.get_text_config(), "tie_word_embeddings", False
+    ):
         return {"lm_head.weight"}
     return set()

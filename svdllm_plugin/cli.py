@@ -18,11 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it")
-    c.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"'{DEFAULT_MODEL}' (embedded default), a local HF folder, or a hub id")
+    c.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"'{DEFAULT_MODEL}' (embedded default), a local HF folder, or a hub id",
+    )
     c.add_argument("--recipe", default=None, help="YAML recipe (default: SVDLLMModifier ratio 0.2)")
-    c.add_argument("--dataset", default=None,
-                   help="'embedded' (default), a .txt/.jsonl file, or a hub dataset (e.g. wikitext2)")
+    c.add_argument(
+        "--dataset",
+        default=None,
+        help="'embedded' (default), a .txt/.jsonl file, or a hub dataset (e.g. wikitext2)",
+    )
     c.add_argument("--num-samples", type=int, default=64, help="calibration samples")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample / eval window")
     c.add_argument("--eval-windows", type=int, default=40, help="held-out windows for perplexity (0: skip)")
@@ -33,11 +39,16 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or compressed folder")
     e.add_argument("model", help=f"'{DEFAULT_MODEL}', a (compressed) folder, or a hub id")
-    e.add_argument("--dataset", default=None, help="'embedded' (default), a .txt/.jsonl file, or a hub dataset")
+    e.add_argument(
+        "--dataset", default=None, help="'embedded' (default), a .txt/.jsonl file, or a hub dataset"
+    )
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=40, help="number of non-overlapping windows")
-    e.add_argument("--tasks", default=None,
-                   help="comma-separated lm-eval tasks (offline: svdllm_embedded); skips perplexity")
+    e.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks (offline: svdllm_embedded); skips perplexity",
+    )
     e.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -48,9 +59,16 @@ def _compress(args) -> None:
     from svdllm_plugin.compress import compress
 
     report = compress(
-        model=args.model, output=args.output, recipe=args.recipe, dataset=args.dataset,
-        num_samples=args.num_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
-        overwrite=args.overwrite, device=args.device, seed=args.seed,
+        model=args.model,
+        output=args.output,
+        recipe=args.recipe,
+        dataset=args.dataset,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        eval_windows=args.eval_windows,
+        overwrite=args.overwrite,
+        device=args.device,
+        seed=args.seed,
     )
     print(report.table())
 
@@ -74,7 +92,12 @@ def _eval(args) -> None:
 
     windows = eval_windows(tokenizer, load_text(args.dataset, "evaluation"), args.seq_len, args.max_windows)
     ppl = perplexity(model, windows)
-    result = {"model": args.model, "perplexity": ppl, "windows": int(windows.shape[0]), "seq_len": args.seq_len}
+    result = {
+        "model": args.model,
+        "perplexity": ppl,
+        "windows": int(windows.shape[0]),
+        "seq_len": args.seq_len,
+    }
     if args.json:
         print(json.dumps(result))
     else:

@@ -53,10 +53,18 @@ class CompressionReport:
         rows = [
             ("model", self.model, "", ""),
             ("factorized modules", str(self.modules), "", ""),
-            ("params (targeted)", f"{self.params_targeted_before:,}", f"{self.params_targeted_after:,}",
-             reduction(self.params_targeted_before, self.params_targeted_after)),
-            ("params (whole model)", f"{self.params_model_before:,}", f"{self.params_model_after:,}",
-             reduction(self.params_model_before, self.params_model_after)),
+            (
+                "params (targeted)",
+                f"{self.params_targeted_before:,}",
+                f"{self.params_targeted_after:,}",
+                reduction(self.params_targeted_before, self.params_targeted_after),
+            ),
+            (
+                "params (whole model)",
+                f"{self.params_model_before:,}",
+                f"{self.params_model_after:,}",
+                reduction(self.params_model_before, self.params_model_after),
+            ),
             ("held-out perplexity", ppl(self.ppl_before), ppl(self.ppl_after), ""),
             ("time", f"{self.seconds:.1f} s", "", ""),
             ("peak memory", f"{self.peak_memory_gib:.2f} GiB", "", ""),
@@ -87,8 +95,9 @@ def load_recipe(recipe: str | None):
     Parsing it here instantiates every modifier, so a typo or a bad setting fails at
     once with pydantic's message instead of after the model has loaded.
     """
-    import svdllm_plugin  # noqa: F401  (registers our modifiers with the factory)
     from llmcompressor.recipe import Recipe
+
+    import svdllm_plugin  # noqa: F401  (registers our modifiers with the factory)
 
     if recipe is None:
         text = DEFAULT_RECIPE
@@ -129,7 +138,8 @@ def compress(
     """
     from llmcompressor import oneshot
 
-    from svdllm_plugin.data import calibration_dataset, eval_windows as make_windows, load_text
+    from svdllm_plugin.data import calibration_dataset, load_text
+    from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
     from svdllm_plugin.models import load_model_and_tokenizer, resolve_model_path
 
@@ -151,16 +161,25 @@ def compress(
     model_obj.to("cpu")
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
     oneshot(
-        model=model_obj, processor=tokenizer, dataset=calib, recipe=recipe_text,
-        num_calibration_samples=num_samples, max_seq_length=seq_len,
+        model=model_obj,
+        processor=tokenizer,
+        dataset=calib,
+        recipe=recipe_text,
+        num_calibration_samples=num_samples,
+        max_seq_length=seq_len,
     )
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")
     model_obj.to("cpu")
-    report.params_targeted_before, report.params_targeted_after, report.params_model_after = parameter_counts(model_obj)
+    report.params_targeted_before, report.params_targeted_after, report.params_model_after = parameter_counts(
+        model_obj
+    )
     report.modules = sum(isinstance(m, SVDLinear) for m in model_obj.modules())
     save_pretrained(
-        model_obj, output, tokenizer, overwrite=overwrite,
+        model_obj,
+        output,
+        tokenizer,
+        overwrite=overwrite,
         extra={"ppl_before": report.ppl_before, "ppl_after": report.ppl_after},
     )
     report.seconds = time.perf_counter() - start

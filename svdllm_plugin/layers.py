@@ -52,8 +52,12 @@ class SVDLinear(nn.Module):
         """A pending SVDLinear that keeps computing ``linear`` until ``set_factors``."""
         W = linear.weight
         layer = cls(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-            device=W.device, dtype=W.dtype,
+            linear.in_features,
+            linear.out_features,
+            rank,
+            bias=linear.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
         )
         layer.dense_weight = W.detach()
         if linear.bias is not None:
@@ -72,10 +76,13 @@ class SVDLinear(nn.Module):
                 f"factor shapes {tuple(W_u.shape)} x {tuple(W_v.shape)} do not fit "
                 f"a ({self.out_features}, {self.in_features}) layer"
             )
+        resized = k != self.rank
         ref = self.svd_v.weight
         self.svd_v.weight = nn.Parameter(W_v.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
         self.svd_u.weight = nn.Parameter(W_u.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
         self.svd_v.out_features = self.svd_u.in_features = k
+        if resized:
+            _reinitialize_quantization(self.svd_u, self.svd_v)
 
     def activate(self) -> None:
         """Switch from the dense weight to the factors (drops the dense weight)."""
@@ -97,6 +104,18 @@ class SVDLinear(nn.Module):
     def extra_repr(self) -> str:
         state = ", pending" if self.pending else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{state}"
+
+
+def _reinitialize_quantization(*modules: nn.Module) -> None:
+    """A quantization scheme bound at initialize sized its scales for the old rank."""
+    for module in modules:
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None:
+            from compressed_tensors.quantization.lifecycle.initialize import (
+                initialize_module_for_quantization,
+            )
+
+            initialize_module_for_quantization(module, scheme)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

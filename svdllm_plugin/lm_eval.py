@@ -3,7 +3,8 @@
 ``run_lm_eval`` wraps the model in lm-eval's own ``HFLM`` and calls ``simple_evaluate``,
 so any lm-eval task name works where its dataset can be reached. One task needs no
 download: ``svdllm_embedded``, perplexity on the plugin's embedded held-out text, written
-by ``offline_task_dir`` from the template ``svdllm_plugin/lm_eval_tasks/svdllm_embedded.yaml`` (see integrations/lm_eval/).
+by ``offline_task_dir`` from the template ``lm_eval_tasks/svdllm_embedded.yaml`` beside
+this module (see integrations/lm_eval/).
 
 This module shares its last name with the ``lm_eval`` package; every import here is
 absolute, so ``import lm_eval`` below is the harness, not this file.

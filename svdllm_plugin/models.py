@@ -71,8 +71,7 @@ def resolve_model_path(model: str) -> str:
         return str(path)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(
-            f"model path {model!r} does not exist; pass an existing folder, "
-            f"a hub id, or {DEFAULT_MODEL!r}"
+            f"model path {model!r} does not exist; pass an existing folder, a hub id, or {DEFAULT_MODEL!r}"
         )
     return model  # a hub id: transformers resolves it where a hub is reachable
 

@@ -41,9 +41,15 @@ def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
-        max_position_embeddings=256, tie_word_embeddings=True, **overrides,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **overrides,
     )
     return LlamaForCausalLM(config)
 
@@ -78,8 +84,13 @@ def run_oneshot(model, calib, recipe):
 
     import svdllm_plugin  # noqa: F401
 
-    oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_samples=len(calib),
-            max_seq_length=len(calib[0]["input_ids"]))
+    oneshot(
+        model=model,
+        dataset=calib,
+        recipe=recipe,
+        num_calibration_samples=len(calib),
+        max_seq_length=len(calib[0]["input_ids"]),
+    )
     return model
 
 

@@ -25,7 +25,21 @@ def svd_recipe(tmp_path, **settings) -> str:
 
 def test_compress_then_eval_json(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["compress", "--model", str(tiny_dir), "--recipe", svd_recipe(tmp_path), "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                str(tiny_dir),
+                "--recipe",
+                svd_recipe(tmp_path),
+                "--output",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "params (targeted)" in table and "held-out perplexity" in table and str(out) in table
     config = json.loads((out / "config.json").read_text())
@@ -53,8 +67,20 @@ def _fails(argv, capsys, message):
 )
 def test_bad_recipe_settings(tiny_dir, tmp_path, capsys, settings, message):
     out = tmp_path / "out"
-    _fails(["compress", "--model", str(tiny_dir), "--recipe", svd_recipe(tmp_path, **settings),
-            "--output", str(out), *FAST], capsys, message)
+    _fails(
+        [
+            "compress",
+            "--model",
+            str(tiny_dir),
+            "--recipe",
+            svd_recipe(tmp_path, **settings),
+            "--output",
+            str(out),
+            *FAST,
+        ],
+        capsys,
+        message,
+    )
     assert not out.exists() and os.listdir(tmp_path) == ["recipe.yaml"]
 
 
@@ -67,13 +93,28 @@ def test_existing_output_is_refused_and_untouched(tiny_dir, tmp_path, capsys):
 
 
 def test_missing_model_path(tmp_path, capsys):
-    _fails(["compress", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], capsys, "does not exist")
+    _fails(
+        ["compress", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")],
+        capsys,
+        "does not exist",
+    )
     _fails(["eval", str(tmp_path / "nope")], capsys, "does not exist")
 
 
 def test_missing_recipe_file(tiny_dir, tmp_path, capsys):
-    _fails(["compress", "--model", str(tiny_dir), "--recipe", str(tmp_path / "r.yaml"),
-            "--output", str(tmp_path / "o")], capsys, "recipe file")
+    _fails(
+        [
+            "compress",
+            "--model",
+            str(tiny_dir),
+            "--recipe",
+            str(tmp_path / "r.yaml"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "recipe file",
+    )
 
 
 @pytest.mark.parametrize("text, message", [("", "empty"), ("just a few words", "tokens")])
@@ -81,8 +122,11 @@ def test_empty_or_short_calibration_text(tiny_dir, tmp_path, capsys, text, messa
     data = tmp_path / "calib.txt"
     data.write_text(text)
     out = tmp_path / "out"
-    _fails(["compress", "--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST],
-           capsys, message)
+    _fails(
+        ["compress", "--model", str(tiny_dir), "--dataset", str(data), "--output", str(out), *FAST],
+        capsys,
+        message,
+    )
     assert not out.exists()
 
 

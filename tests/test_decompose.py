@@ -73,8 +73,13 @@ def test_sigma_placement_keeps_the_product(sigma_on):
 
 @pytest.mark.parametrize(
     "m, n, ratio, multiple, k",
-    [(576, 576, 0.2, 1, 230), (1536, 576, 0.2, 1, 335), (576, 576, 0.2, 8, 224), (576, 576, 0.2, 64, 192),
-     (4, 4, 0.9, 1, 1)],
+    [
+        (576, 576, 0.2, 1, 230),
+        (1536, 576, 0.2, 1, 335),
+        (576, 576, 0.2, 8, 224),
+        (576, 576, 0.2, 64, 192),
+        (4, 4, 0.9, 1, 1),
+    ],
 )
 def test_rank_for_ratio(m, n, ratio, multiple, k):
     assert rank_for_ratio(m, n, ratio, multiple) == k

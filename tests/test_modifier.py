@@ -20,7 +20,9 @@ def test_yaml_recipe_factorizes_every_decoder_linear(tiny, calib):
     assert q.svd_u.weight.shape == (64, q.rank) and q.svd_v.weight.shape == (q.rank, 64)
     k = tiny.model.layers[0].self_attn.k_proj  # GQA: 32 x 64
     assert k.out_features == 32
-    rel = (k.dense() - dense["model.layers.0.self_attn.k_proj"]).norm() / dense["model.layers.0.self_attn.k_proj"].norm()
+    rel = (k.dense() - dense["model.layers.0.self_attn.k_proj"]).norm() / dense[
+        "model.layers.0.self_attn.k_proj"
+    ].norm()
     assert 0 < rel < 1
 
 
@@ -39,7 +41,9 @@ def test_saved_folder_reloads_with_identical_logits(tiny, calib, tmp_path):
 def test_partially_factorized_model_reloads(tiny, calib, tmp_path):
     recipe = SVDLLMModifier(ratio=0.3, targets=["re:.*mlp\\.(up|down)_proj$"])
     run_oneshot(tiny, calib, recipe)
-    assert set(factorized_ranks(tiny)) == {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("up", "down")}
+    assert set(factorized_ranks(tiny)) == {
+        f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("up", "down")
+    }
     ids = torch.tensor(calib[:1]["input_ids"])
     with torch.no_grad():
         ref = tiny(ids).logits

@@ -28,8 +28,19 @@ def test_cli_compress_and_eval_smollm2(smollm2_path, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "smollm2-svd"
-    run = svdllm("compress", "--recipe", str(recipe), "--num-samples", "4", "--seq-len", "64",
-                 "--eval-windows", "2", "--output", str(out))
+    run = svdllm(
+        "compress",
+        "--recipe",
+        str(recipe),
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--eval-windows",
+        "2",
+        "--output",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "params (whole model)" in run.stdout and "134,515,008" in run.stdout
     ranks = json.loads((out / "config.json").read_text())["svdllm"]["ranks"]

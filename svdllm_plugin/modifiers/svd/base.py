@@ -9,7 +9,11 @@ Lifecycle (llmcompressor calls these):
   ``activations="propagated"`` the factors are switched on at once, so later layers are
   calibrated on the compressed model's outputs; with ``"original"`` (the paper) the layers
   keep computing densely until calibration ends, so every layer sees original activations.
-- on_calibration_end: switch every layer to its factors, check nothing was missed.
+- on_calibration_end: non-uniform allocations (``loss``, ``sensitivity``) choose every
+  rank now, from all spectra; then every layer switches to its factors.
+
+Whole-model passes live in ``passes.py`` (FWSVD's Fisher, the closed-form update's original
+statistics, ASVD's sensitivity); rank allocation in ``allocation.py``; math in ``decompose.py``.
 """
 
 from __future__ import annotations
@@ -26,10 +30,15 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, replace_module
+from svdllm_plugin.modifiers.svd import passes
+from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_by_loss, allocate_by_sensitivity
 from svdllm_plugin.modifiers.svd.decompose import (
+    Factors,
     factorize,
     rank_for_ratio,
+    refit_u,
     saves_parameters,
+    truncation_loss,
     whiten_cholesky,
     whiten_eigh,
 )
@@ -37,7 +46,7 @@ from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
 __all__ = ["SVDLLMModifier"]
 
-Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd"]
+Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
 
 
 class SVDLLMModifier(Modifier):
@@ -62,6 +71,17 @@ class SVDLLMModifier(Modifier):
         or from the ``propagated`` outputs of already-compressed layers.
     :param asvd_alpha: ASVD exponent, scale s_j = stat_j ** alpha.
     :param asvd_statistic: ``abs_mean`` or ``abs_max`` of each input channel.
+    :param model_ratio: alternative to ``ratio``: fraction of the WHOLE model's parameters
+        to remove, spread over the targeted matrices.
+    :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (SVD-LLM V2:
+        heterogeneous ranks from truncation loss within each matrix type) or
+        ``sensitivity`` (ASVD's perplexity search to the same global budget).
+    :param closed_form_update: SVD-LLM's layer-wise update: whiten with the original
+        model's statistics, then refit W_u by least squares on the propagated inputs of the
+        already-compressed layers (costs one extra forward pass for original statistics).
+    :param fisher_batches: calibration batches for FWSVD's gradient pass.
+    :param sensitivity_ratios: candidate ratios of the sensitivity search.
+    :param sensitivity_batches: calibration batches per sensitivity measurement.
     """
 
     requires_calibration_data: bool = True
@@ -77,11 +97,22 @@ class SVDLLMModifier(Modifier):
     activations: Literal["original", "propagated"] = "original"
     asvd_alpha: float = 0.5
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
+    model_ratio: float | None = None
+    allocation: Literal["uniform", "loss", "sensitivity"] = "uniform"
+    closed_form_update: bool = False
+    fisher_batches: int = 8
+    sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    sensitivity_batches: int = 2
 
     _layers: dict[str, SVDLinear] = PrivateAttr(default_factory=dict)
     _collector: StatisticsCollector | None = PrivateAttr(default=None)
     _records: list[dict] = PrivateAttr(default_factory=list)
     _kept_dense: list[str] = PrivateAttr(default_factory=list)
+    _row_scale: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _original: StatisticsCollector | None = PrivateAttr(default=None)
+    _full: dict[str, Factors] = PrivateAttr(default_factory=dict)
+    _ratio: float = PrivateAttr(default=0.2)
+    _sensitivity_cost: dict = PrivateAttr(default_factory=dict)
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -97,6 +128,29 @@ class SVDLLMModifier(Modifier):
                 f"`ratio` is the fraction of each matrix's parameters removed and must be in "
                 f"(0, 1), e.g. 0.2; got {value}"
             )
+        return value
+
+    @field_validator("model_ratio")
+    @classmethod
+    def _check_model_ratio(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(
+                f"`model_ratio` is the fraction of the whole model removed, in (0, 1); got {value}"
+            )
+        return value
+
+    @field_validator("sensitivity_ratios")
+    @classmethod
+    def _check_candidates(cls, value: list[float]) -> list[float]:
+        if not value or not all(0.0 < r < 1.0 for r in value):
+            raise ValueError(f"`sensitivity_ratios` must be ratios in (0, 1); got {value}")
+        return sorted(value)
+
+    @field_validator("fisher_batches", "sensitivity_batches")
+    @classmethod
+    def _check_batches(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"batch counts must be positive integers; got {value}")
         return value
 
     @field_validator("overrides")
@@ -115,9 +169,21 @@ class SVDLLMModifier(Modifier):
         return value
 
     @model_validator(mode="after")
-    def _check_method(self):
+    def _check_combination(self):
         if self.method == "svd_llm_v2":
             self.whitening = "eigh"
+        if self.allocation != "uniform" and self.activations != "original":
+            raise ValueError(
+                f"allocation={self.allocation!r} chooses ranks from every layer's spectrum at the end "
+                "of calibration; it needs `activations: original`"
+            )
+        if self.closed_form_update and (self.activations != "original" or self.allocation != "uniform"):
+            raise ValueError(
+                "`closed_form_update` whitens with the original statistics and refits on propagated "
+                "inputs; it needs `activations: original` and `allocation: uniform`"
+            )
+        if self.closed_form_update and self.method not in ("svd_llm", "svd_llm_v2"):
+            raise ValueError("`closed_form_update` applies to method svd_llm / svd_llm_v2")
         return self
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -133,6 +199,12 @@ class SVDLLMModifier(Modifier):
                 f"SVDLLMModifier found no Linear modules matching targets={self.targets} "
                 f"(ignore={self.ignore}). Please check `targets` in the recipe."
             )
+        self._ratio = self._resolve_ratio(model, matched)
+        if self.method == "fwsvd":
+            fisher = passes.fisher_row_importance(model, dict(matched), state.data.calib, self.fisher_batches)
+            self._row_scale = {
+                name: I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt() for name, I in fisher.items()
+            }
         for name, linear in matched:
             m, n = linear.out_features, linear.in_features
             k = rank_for_ratio(m, n, self._ratio_for(name), self.rank_multiple)
@@ -146,15 +218,35 @@ class SVDLLMModifier(Modifier):
         if not self._layers:
             raise ValueError(
                 f"SVDLLMModifier: none of the {len(matched)} matched matrices saves parameters "
-                f"at ratio={self.ratio}; raise `ratio`"
+                f"at ratio={self._ratio}; raise `ratio`"
             )
         logger.info(
-            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={}",
-            len(self._layers), len(self._kept_dense), self.method, self.ratio,
+            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f}, allocation={}",
+            len(self._layers),
+            len(self._kept_dense),
+            self.method,
+            self._ratio,
+            self.allocation,
         )
         return True
 
+    def _resolve_ratio(self, model: nn.Module, matched) -> float:
+        """The per-matrix ratio; a whole-model budget is spread over the targeted matrices."""
+        if self.model_ratio is None:
+            return self.ratio
+        whole = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        targeted = sum(lin.weight.numel() for _, lin in matched)
+        ratio = self.model_ratio * whole / targeted
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(
+                f"model_ratio={self.model_ratio} would remove {ratio:.0%} of the targeted matrices "
+                f"({targeted:,} of {whole:,} parameters); lower `model_ratio` or target more modules"
+            )
+        return ratio
+
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
+            self._original = passes.collect_statistics(state.model, self._layers, state.data.calib)
         self._collector = StatisticsCollector(names={m: n for n, m in self._layers.items()})
         for layer in self._layers.values():
             if layer.pending:
@@ -166,6 +258,8 @@ class SVDLLMModifier(Modifier):
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._compress_ready()
         self.remove_hooks()
+        if self._full:
+            self._allocate(state)
         missed = [name for name, layer in self._layers.items() if name not in self._done]
         if missed:
             raise RuntimeError(
@@ -174,7 +268,8 @@ class SVDLLMModifier(Modifier):
             )
         for layer in self._layers.values():
             layer.activate()
-        self._collector = None
+        self._collector = self._original = None
+        self._full = {}
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._records:
@@ -182,7 +277,10 @@ class SVDLLMModifier(Modifier):
             after = sum(r["params_after"] for r in self._records)
             logger.info(
                 "SVDLLMModifier: {} modules, targeted parameters {:,} -> {:,} ({:.1%} removed)",
-                len(self._records), before, after, 1 - after / before,
+                len(self._records),
+                before,
+                after,
+                1 - after / before,
             )
         return True
 
@@ -190,6 +288,11 @@ class SVDLLMModifier(Modifier):
     @property
     def _done(self) -> set[str]:
         return {r["name"] for r in self._records}
+
+    @property
+    def sensitivity_cost(self) -> dict:
+        """What the sensitivity search cost: seconds, evaluations, batches."""
+        return dict(self._sensitivity_cost)
 
     @property
     def records(self) -> list[dict]:
@@ -201,28 +304,106 @@ class SVDLLMModifier(Modifier):
         collector = self._collector
         if collector is None:
             return
-        ready = [(n, l) for n, l in self._layers.items() if n not in self._done and collector.get(l)]
+        ready = [
+            (n, l)
+            for n, l in self._layers.items()
+            if n not in self._done and n not in self._full and collector.get(l)
+        ]
         whitened: dict[int, tuple] = {}  # one whitening per shared input
         for name, layer in ready:
             stats = collector.get(layer)
             start = time.perf_counter()
-            S, S_inv = self._weighting(stats, name, whitened)
+            S, S_inv = self._weighting(self._original.get(layer) if self._original else stats, name, whitened)
             W = layer.dense_weight  # (m, n)
-            factors = factorize(W, layer.rank, S, S_inv, sigma_on=self.sigma)
+            if self.allocation != "uniform":  # ranks are chosen at calibration end
+                self._full[name] = factorize(
+                    W, _max_rank(layer), S, S_inv, self._row_scale.get(name), self.sigma
+                )
+                continue
+            factors = factorize(W, layer.rank, S, S_inv, self._row_scale.get(name), self.sigma)
+            if self.closed_form_update:  # stats are the propagated inputs here
+                factors.W_u = refit_u(W, factors.W_v, stats.covariance())
             layer.set_factors(factors.W_u, factors.W_v)
-            if self.activations == "propagated":
+            if self.activations == "propagated" or self.closed_form_update:
                 layer.activate()
             self._record(name, layer, factors, stats.tokens, time.perf_counter() - start)
         collector.release(layer for _, layer in ready)
+        if self._original is not None:
+            self._original.release(layer for _, layer in ready)
+
+    def _allocate(self, state: State) -> None:
+        """Choose all ranks at once from the full spectra, then truncate the stored factors."""
+        matrices = [
+            Matrix(n, self._layers[n].out_features, self._layers[n].in_features, f.sigma)
+            for n, f in self._full.items()
+        ]
+        uniform = {n: self._layers[n].rank for n in self._full}
+        start = time.perf_counter()
+        if self.allocation == "loss":
+            ranks = allocate_by_loss(matrices, uniform, self.rank_multiple)
+        else:
+            target = sum(m.m * m.n - uniform[m.name] * (m.m + m.n) for m in matrices)
+            ranks = allocate_by_sensitivity(matrices, self._sensitivity(state), target, self.rank_multiple)
+        logger.info(
+            "{} allocation chose {} ranks in {:.1f}s",
+            self.allocation,
+            len(ranks),
+            time.perf_counter() - start,
+        )
+        for name, full in self._full.items():
+            k, layer = ranks[name], self._layers[name]
+            factors = Factors(full.W_u[:, :k], full.W_v[:k], full.sigma, truncation_loss(full.sigma, k))
+            layer.set_factors(factors.W_u, factors.W_v)
+            self._record(name, layer, factors, 0, 0.0)
+
+    def _sensitivity(self, state: State) -> dict[str, dict[float, float]]:
+        """ASVD: perplexity on calibration batches with only one matrix truncated at each ratio."""
+        from tqdm import tqdm
+
+        model = state.model
+        batches = passes.perplexity_batches(model, state.data.calib, self.sensitivity_batches)
+        start = time.perf_counter()
+        base = passes.calibration_loss(model, batches)
+        ppl: dict[str, dict[float, float]] = {}
+        for name, full in tqdm(self._full.items(), desc="Sensitivity"):
+            layer = self._layers[name]
+            ppl[name] = {}
+            for ratio in self.sensitivity_ratios:
+                k = min(
+                    rank_for_ratio(layer.out_features, layer.in_features, ratio, self.rank_multiple),
+                    _max_rank(layer),
+                )
+                W_k = (full.W_u[:, :k] @ full.W_v[:k]).to(layer.dense_weight.dtype)  # (m, n)
+                with passes.replaced_output(layer, W_k):
+                    ppl[name][ratio] = passes.safe_exp(passes.calibration_loss(model, batches))
+        seconds = time.perf_counter() - start
+        self._sensitivity_cost = dict(
+            seconds=seconds,
+            evaluations=len(self._full) * len(self.sensitivity_ratios),
+            batches=len(batches),
+            base_ppl=passes.safe_exp(base),
+        )
+        logger.info(
+            "Sensitivity search: {} evaluations x {} batches in {:.1f}s (dense calibration ppl {:.3f})",
+            self._sensitivity_cost["evaluations"],
+            len(batches),
+            seconds,
+            self._sensitivity_cost["base_ppl"],
+        )
+        return ppl
 
     def _weighting(self, stats, name: str, cache: dict) -> tuple:
         """(S, S^{-1}) of the method; cached per statistics object (shared inputs)."""
         key = id(stats)
         if key not in cache:
-            if self.method == "svd":
+            if self.method in ("svd", "fwsvd"):  # FWSVD weights rows, not inputs
                 cache[key] = (None, None)
             elif self.method == "asvd":
-                stat = stats.abs_sum / max(stats.tokens, 1) if self.asvd_statistic == "abs_mean" else stats.abs_max
+                stat = (
+                    stats.abs_sum / max(stats.tokens, 1)
+                    if self.asvd_statistic == "abs_mean"
+                    else stats.abs_max
+                )
                 s = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
                 cache[key] = (torch.diag(s), torch.diag(1.0 / s))
             elif self.whitening == "eigh":
@@ -235,23 +416,36 @@ class SVDLLMModifier(Modifier):
         m, n, k = layer.out_features, layer.in_features, layer.rank
         total = float((factors.sigma.to(torch.float64) ** 2).sum())
         record = dict(
-            name=name, m=m, n=n, rank=k, params_before=m * n, params_after=k * (m + n),
-            loss=factors.loss, rel_loss=factors.loss / total if total > 0 else 0.0,
-            tokens=tokens, seconds=seconds,
+            name=name,
+            m=m,
+            n=n,
+            rank=k,
+            params_before=m * n,
+            params_after=k * (m + n),
+            loss=factors.loss,
+            rel_loss=factors.loss / total if total > 0 else 0.0,
+            tokens=tokens,
+            seconds=seconds,
         )
         self._records.append(record)
         logger.info(
-            "{} ({}x{}) rank {} | params -{:.1%} | truncation loss {:.4g} (rel {:.2e}) | "
-            "{} tokens | {:.2f}s",
-            name, m, n, k, 1 - record["params_after"] / record["params_before"],
-            record["loss"], record["rel_loss"], tokens, seconds,
+            "{} ({}x{}) rank {} | params -{:.1%} | truncation loss {:.4g} (rel {:.2e}) | {} tokens | {:.2f}s",
+            name,
+            m,
+            n,
+            k,
+            1 - record["params_after"] / record["params_before"],
+            record["loss"],
+            record["rel_loss"],
+            tokens,
+            seconds,
         )
 
     def _ratio_for(self, name: str) -> float:
         for pattern, ratio in self.overrides.items():
             if _matches(name, pattern):
                 return ratio
-        return self.ratio
+        return self._ratio
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -260,6 +454,12 @@ def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern)
+
+
+def _max_rank(layer: SVDLinear) -> int:
+    """Largest rank that still saves parameters (what non-uniform allocations may give)."""
+    m, n = layer.out_features, layer.in_features
+    return max(1, (m * n - 1) // (m + n))
 
 
 def _inside_svd_linear(name: str) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "whiten_eigh",
     "factorize",
     "truncation_loss",
+    "refit_u",
 ]
 
 
@@ -73,7 +74,9 @@ def whiten_cholesky(H: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torc
         logger.warning(
             "{}: X X^T is not positive definite (lambda_min={:.3e}); adding {:.3e} I "
             "(whitening='eigh' needs no shift)",
-            name or "module", lambda_min, shift,
+            name or "module",
+            lambda_min,
+            shift,
         )
         H = H + shift * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         S = torch.linalg.cholesky(H)
@@ -139,3 +142,20 @@ def factorize(
 def truncation_loss(sigma: torch.Tensor, k: int) -> float:
     """sum_{i > k} sigma_i^2: the output error that dropping the tail costs."""
     return float((sigma[k:].to(torch.float64) ** 2).sum())
+
+
+def refit_u(W: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
+    """SVD-LLM's closed-form update: with W_v (k, n) fixed, the W_u (m, k) minimising
+    ||W X - W_u W_v X||_F^2 for inputs with H = X X^T (n, n):
+
+        W_u = W H W_v^T (W_v H W_v^T)^{-1}
+
+    A relative ``damp`` on the diagonal keeps the k x k system solvable.
+    """
+    W, W_v, H = W.to(torch.float64), W_v.to(torch.float64), H.to(torch.float64)
+    A = W_v @ H @ W_v.T  # (k, k)
+    B = W @ H @ W_v.T  # (m, k)
+    A = A + damp * A.diagonal().mean().clamp_min(1e-30) * torch.eye(
+        A.shape[0], dtype=A.dtype, device=A.device
+    )
+    return torch.linalg.solve(A, B.T).T  # (m, k); A is symmetric

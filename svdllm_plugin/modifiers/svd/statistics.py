@@ -71,6 +71,10 @@ class StatisticsCollector:
     def get(self, module: nn.Module) -> InputStatistics | None:
         return self.stats.get(self.leader.get(module))
 
+    def release_input(self) -> None:
+        """Drop the reference to the last input (call between batches)."""
+        self._last_input = self._last_module = None
+
     def release(self, modules) -> None:
         """Free the accumulators of these modules' groups (and the held input)."""
         for module in modules:

@@ -1,0 +1,119 @@
+"""Rank allocation: how many singular values each matrix keeps under one parameter budget.
+
+Plain functions over per-matrix spectra; the modifier supplies shapes and singular values.
+- ``uniform``: the same ratio for every matrix, k = floor(m n (1 - r) / (m + n)).
+- ``loss`` (SVD-LLM V2's idea): within each matrix type (q, k, v, o, gate, up, down) the
+  type's rank budget is moved to the matrices whose truncation loses most. We hand out rank
+  units greedily by the largest next sigma_i^2 relative to the matrix's energy sum sigma^2,
+  which minimises the sum of relative truncation losses of the type exactly (each loss is
+  convex and decreasing in k) while the type's total parameters stay those of ``uniform``.
+- ``sensitivity`` (ASVD): from measured perplexities per (matrix, candidate ratio), a
+  binary search over a perplexity threshold meets a global parameter target.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Matrix", "matrix_type", "allocate_by_loss", "allocate_by_sensitivity", "params_of"]
+
+
+@dataclass
+class Matrix:
+    name: str
+    m: int
+    n: int
+    sigma: torch.Tensor  # (min(m, n),) whitened singular values, descending
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank that still saves parameters."""
+        return max(1, (self.m * self.n - 1) // (self.m + self.n))
+
+
+def matrix_type(name: str) -> str:
+    """The name with layer indices removed: 'model.layers.3.mlp.up_proj' -> 'model.layers.*.mlp.up_proj'."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def params_of(m: int, n: int, k: int) -> int:
+    return k * (m + n)
+
+
+def allocate_by_loss(matrices: list[Matrix], uniform: dict[str, int], multiple: int = 1) -> dict[str, int]:
+    """Greedy water-filling of each type's rank budget by relative truncation loss."""
+    ranks: dict[str, int] = {}
+    groups: dict[str, list[Matrix]] = {}
+    for mat in matrices:
+        groups.setdefault(matrix_type(mat.name), []).append(mat)
+    for group in groups.values():
+        budget = sum(uniform[mat.name] for mat in group)  # same shape within a type: ranks are params
+        current = {mat.name: multiple for mat in group}
+        budget -= multiple * len(group)
+        heap = [(-_next_gain(mat, multiple, multiple), i, mat) for i, mat in enumerate(group)]
+        heapq.heapify(heap)
+        while budget >= multiple and heap:
+            _, i, mat = heapq.heappop(heap)
+            current[mat.name] += multiple
+            budget -= multiple
+            if current[mat.name] + multiple <= mat.max_rank:
+                heapq.heappush(heap, (-_next_gain(mat, current[mat.name], multiple), i, mat))
+        ranks.update(current)
+    return ranks
+
+
+def allocate_by_sensitivity(
+    matrices: list[Matrix],
+    ppl: dict[str, dict[float, float]],
+    target_removed: int,
+    multiple: int = 1,
+) -> dict[str, int]:
+    """ASVD: pick per-matrix ratios so that removed parameters reach ``target_removed``.
+
+    For a perplexity threshold t every matrix takes the largest candidate ratio whose
+    single-layer perplexity is <= t; a binary search over the sorted perplexities finds the
+    smallest t that meets the target. The last rank steps are filled greedily by loss.
+    """
+    by_name = {mat.name: mat for mat in matrices}
+    thresholds = sorted({p for per in ppl.values() for p in per.values()})
+
+    def ranks_at(t: float) -> dict[str, int]:
+        out = {}
+        for name, per in ppl.items():
+            mat = by_name[name]
+            ok = [r for r, p in per.items() if p <= t]
+            r = max(ok) if ok else 0.0
+            k = mat.max_rank if r == 0.0 else int(mat.m * mat.n * (1 - r) / (mat.m + mat.n))
+            out[name] = max(multiple, min(mat.max_rank, k // multiple * multiple))
+        return out
+
+    def removed(ranks: dict[str, int]) -> int:
+        return sum(m.m * m.n - params_of(m.m, m.n, ranks[m.name]) for m in matrices)
+
+    lo, hi = 0, len(thresholds) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if removed(ranks_at(thresholds[mid])) >= target_removed:
+            hi = mid
+        else:
+            lo = mid + 1
+    ranks = ranks_at(thresholds[lo])
+    # overshoot: give rank back (largest relative loss first) until within one rank step
+    excess = removed(ranks) - target_removed
+    order = sorted(matrices, key=lambda m: -_next_gain(m, ranks[m.name], multiple))
+    for mat in order:
+        step = multiple * (mat.m + mat.n)
+        while excess >= step and ranks[mat.name] + multiple <= mat.max_rank:
+            ranks[mat.name] += multiple
+            excess -= step
+    return ranks
+
+
+def _next_gain(mat: Matrix, k: int, multiple: int) -> float:
+    """Relative loss removed by keeping ``multiple`` more singular values after the first k."""
+    energy = float((mat.sigma.double() ** 2).sum()) or 1.0
+    return float((mat.sigma[k : k + multiple].double() ** 2).sum()) / energy
