@@ -106,8 +106,21 @@ def load_recipe(recipe: str | None):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {recipe} does not exist; pass a YAML recipe path")
         text = path.read_text()
-    Recipe.create_instance(text)  # validate only; oneshot builds its own instances
-    return text
+    return text, Recipe.create_instance(text).modifiers  # oneshot builds its own instances
+
+
+def single_pass(modifiers) -> bool:
+    """True when every modifier only needs the original model's activations.
+
+    Then the sequential pipeline's second (error-propagation) pass per layer is wasted work:
+    layers stay dense until calibration ends, so it would recompute the same outputs.
+    """
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
+
+    return all(
+        isinstance(m, SVDLLMModifier) and m.activations == "original" and not m.closed_form_update
+        for m in modifiers
+    )
 
 
 def parameter_counts(model) -> tuple[int, int, int]:
@@ -145,7 +158,7 @@ def compress(
 
     start = time.perf_counter()
     check_output_dir(output, overwrite)
-    recipe_text = load_recipe(recipe)
+    recipe_text, modifiers = load_recipe(recipe)
     path = resolve_model_path(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
 
@@ -167,6 +180,7 @@ def compress(
         recipe=recipe_text,
         num_calibration_samples=num_samples,
         max_seq_length=seq_len,
+        propagate_error=not single_pass(modifiers),
     )
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")

@@ -161,3 +161,15 @@ def test_saving_twice_with_overwrite_replaces_atomically(tmp_path):
 def test_eval_on_dense_model_json(tiny_dir, capsys):
     assert main(["eval", str(tiny_dir), "--seq-len", "16", "--max-windows", "1", "--json"]) == 0
     assert torch.isfinite(torch.tensor(json.loads(capsys.readouterr().out.splitlines()[-1])["perplexity"]))
+
+
+def test_eval_runs_the_offline_lm_eval_task_on_a_compressed_folder(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", "--model", str(tiny_dir), "--recipe", svd_recipe(tmp_path), "--output", str(out)]
+    assert main([*argv, *FAST]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tasks", "svdllm_embedded", "--limit", "2", "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert "svdllm_embedded" in printed and "word_perplexity" in printed and "bits_per_byte" in printed
+    results = json.loads(printed.strip().splitlines()[-1])["results"]["svdllm_embedded"]
+    assert results["bits_per_byte,none"] > 0

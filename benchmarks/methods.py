@@ -1,0 +1,103 @@
+"""Methods x allocations x ratios on one model: held-out perplexity, time, memory.
+
+    .venv/bin/python benchmarks/methods.py [--ratios 0.2 0.4 0.6] [--configs svd asvd svd_llm ...]
+
+Writes benchmarks/results/methods.{json,md,png}. Each run compresses a fresh copy of the
+model through llmcompressor's oneshot; time is split into statistics (calibration forward
+passes and hooks) and factorization (the decompositions, summed from the modifier's
+per-module log). `floor` = one plain forward pass over the calibration data + the
+decompositions; `x floor` is total / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from common import forward_floor, markdown, run_recipe, save, setup
+
+from svdllm_plugin import SVDLLMModifier
+from svdllm_plugin.compress import single_pass
+
+CONFIGS = {
+    "svd": dict(method="svd"),
+    "fwsvd": dict(method="fwsvd"),
+    "asvd": dict(method="asvd"),
+    "svd_llm": dict(method="svd_llm"),
+    "svd_llm_v2": dict(method="svd_llm_v2"),
+    "svd_llm+loss": dict(method="svd_llm", allocation="loss"),
+    "svd_llm+update": dict(method="svd_llm", closed_form_update=True),
+    "svd_llm_v2+loss": dict(method="svd_llm_v2", allocation="loss"),
+    "svd_llm+propagated": dict(method="svd_llm", activations="propagated"),
+    "asvd+sensitivity": dict(method="asvd", allocation="sensitivity"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--name", default="methods")
+    args = parser.parse_args()
+
+    bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
+    dense_ppl = bench.ppl(bench.model)
+    floor_forward = forward_floor(bench)
+    rows = []
+    for config in args.configs:
+        for ratio in args.ratios:
+            settings = CONFIGS[config]
+            modifier = SVDLLMModifier(ratio=ratio, **settings)
+            model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
+            factorization = sum(r["seconds"] for r in modifier.records)
+            row = dict(
+                config=config, ratio=ratio, ppl=bench.ppl(model), seconds=seconds,
+                statistics_s=seconds - factorization, factorization_s=factorization,
+                x_floor=seconds / (floor_forward + factorization),
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            )
+            if modifier.sensitivity_cost:
+                row["search_s"] = modifier.sensitivity_cost["seconds"]
+            rows.append(row)
+            print(markdown([row], list(row)), flush=True)
+            save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
+            del model
+    columns = ["config", "ratio", "ppl", "seconds", "statistics_s", "factorization_s", "x_floor", "peak_rss_gib"]
+    table = f"dense perplexity {dense_ppl:.3f}; floor forward pass {floor_forward:.1f}s\n\n" + markdown(rows, columns)
+    print(table)
+    (save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
+     .with_suffix(".md").write_text(table + "\n"))
+    plot(rows, dense_ppl, args.name)
+
+
+def plot(rows: list[dict], dense_ppl: float, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import RESULTS
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["ratio"], r["ppl"]) for r in rows if r["config"] == config]
+        ax.plot(*zip(*pts), marker="o", label=config)
+    ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("ratio (fraction of each matrix's parameters removed)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M: method x allocation x ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - start:.0f}s")
