@@ -37,7 +37,9 @@ class Bench:
         return perplexity(model, self.windows, progress=False)
 
 
-def setup(model: str, num_samples: int, seq_len: int, eval_windows_: int, dataset: str | None = None) -> Bench:
+def setup(
+    model: str, num_samples: int, seq_len: int, eval_windows_: int, dataset: str | None = None
+) -> Bench:
     base, tokenizer = load_model_and_tokenizer(model)
     calib = calibration_dataset(tokenizer, load_text(dataset, "calibration"), num_samples, seq_len)
     windows = eval_windows(tokenizer, load_text(dataset, "evaluation"), seq_len, eval_windows_)
@@ -51,8 +53,13 @@ def run_recipe(bench: Bench, recipe, model=None, **oneshot_kwargs) -> tuple[torc
     model = model if model is not None else bench.fresh()
     start = time.perf_counter()
     oneshot(
-        model=model, processor=bench.tokenizer, dataset=bench.calib, recipe=recipe,
-        num_calibration_samples=len(bench.calib), max_seq_length=bench.seq_len, **oneshot_kwargs,
+        model=model,
+        processor=bench.tokenizer,
+        dataset=bench.calib,
+        recipe=recipe,
+        num_calibration_samples=len(bench.calib),
+        max_seq_length=bench.seq_len,
+        **oneshot_kwargs,
     )
     return model, time.perf_counter() - start
 

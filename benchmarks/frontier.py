@@ -44,24 +44,44 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--gptq-bits", type=int, nargs="*", default=[8, 4, 3, 2])
-    parser.add_argument("--svd", nargs="*", default=["0.2:8", "0.2:4", "0.4:4", "0.2:3"],
-                        help="RATIO:BITS points of SVD-LLM followed by GPTQ")
+    parser.add_argument(
+        "--svd",
+        nargs="*",
+        default=["0.2:8", "0.2:4", "0.4:4", "0.2:3"],
+        help="RATIO:BITS points of SVD-LLM followed by GPTQ",
+    )
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16)
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
-    rows = [dict(point="dense fp32", bits=32, ratio=0.0, ppl=bench.ppl(bench.model),
-                 bytes=checkpoint_bytes(bench.model, bench.tokenizer), seconds=0.0)]
+    rows = [
+        dict(
+            point="dense fp32",
+            bits=32,
+            ratio=0.0,
+            ppl=bench.ppl(bench.model),
+            bytes=checkpoint_bytes(bench.model, bench.tokenizer),
+            seconds=0.0,
+        )
+    ]
     points = [(0.0, b) for b in args.gptq_bits] + [tuple(map(float, p.split(":"))) for p in args.svd]
     for ratio, bits in points:
         bits = int(bits)
         recipe = [gptq(bits)] if ratio == 0 else [svd(ratio), gptq(bits)]
         model, seconds = run_recipe(bench, recipe)
         name = f"GPTQ W{bits}" if ratio == 0 else f"SVD {ratio:.1f} + W{bits}"
-        rows.append(dict(point=name, bits=bits, ratio=ratio, ppl=bench.ppl(model),
-                         bytes=checkpoint_bytes(model, bench.tokenizer), seconds=seconds))
+        rows.append(
+            dict(
+                point=name,
+                bits=bits,
+                ratio=ratio,
+                ppl=bench.ppl(model),
+                bytes=checkpoint_bytes(model, bench.tokenizer),
+                seconds=seconds,
+            )
+        )
         print(markdown(rows[-1:], list(rows[-1])), flush=True)
         save("frontier", dict(args=vars(args), rows=rows))
         del model
@@ -80,8 +100,10 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pick, style in [("GPTQ only", lambda r: r["ratio"] == 0, "o-"),
-                               ("SVD-LLM + GPTQ", lambda r: r["ratio"] > 0, "s--")]:
+    for label, pick, style in [
+        ("GPTQ only", lambda r: r["ratio"] == 0, "o-"),
+        ("SVD-LLM + GPTQ", lambda r: r["ratio"] > 0, "s--"),
+    ]:
         pts = sorted((r["MB"], r["ppl"]) for r in rows if pick(r) and r["bits"] < 32)
         if pts:
             ax.plot(*zip(*pts), style, label=label)

@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--steps", type=int, default=25, help="optimizer steps per round")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -52,14 +52,28 @@ def main() -> None:
         for variant in args.variants:
             model = load_pretrained(folder)
             lora = SequentialLoRAModifier(
-                order=VARIANTS[variant], steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                seq_len=args.seq_len, num_samples=args.steps * args.batch_size, eval_windows=0,
+                order=VARIANTS[variant],
+                steps=args.steps,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                num_samples=args.steps * args.batch_size,
+                eval_windows=0,
             )
             start = time.perf_counter()
             run_lora(model, lora)
             assert factorized_ranks(model) == ranks, "LoRA changed a rank"
-            rows.append(dict(variant=variant, ppl=bench.ppl(model), seconds=time.perf_counter() - start,
-                             rounds=[(r["factor"], round(r["first_loss"], 3), round(r["last_loss"], 3)) for r in lora.records]))
+            rows.append(
+                dict(
+                    variant=variant,
+                    ppl=bench.ppl(model),
+                    seconds=time.perf_counter() - start,
+                    rounds=[
+                        (r["factor"], round(r["first_loss"], 3), round(r["last_loss"], 3))
+                        for r in lora.records
+                    ],
+                )
+            )
             print(markdown(rows[-1:], ["variant", "ppl", "seconds"]), flush=True)
             save("lora", dict(args=vars(args), dense_ppl=bench.ppl(bench.model), rows=rows))
     table = markdown(rows, ["variant", "ppl", "seconds"])

@@ -56,8 +56,12 @@ def main() -> None:
             model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
             factorization = sum(r["seconds"] for r in modifier.records)
             row = dict(
-                config=config, ratio=ratio, ppl=bench.ppl(model), seconds=seconds,
-                statistics_s=seconds - factorization, factorization_s=factorization,
+                config=config,
+                ratio=ratio,
+                ppl=bench.ppl(model),
+                seconds=seconds,
+                statistics_s=seconds - factorization,
+                factorization_s=factorization,
                 x_floor=seconds / (floor_forward + factorization),
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             )
@@ -65,13 +69,30 @@ def main() -> None:
                 row["search_s"] = modifier.sensitivity_cost["seconds"]
             rows.append(row)
             print(markdown([row], list(row)), flush=True)
-            save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
+            save(
+                args.name,
+                dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows),
+            )
             del model
-    columns = ["config", "ratio", "ppl", "seconds", "statistics_s", "factorization_s", "x_floor", "peak_rss_gib"]
-    table = f"dense perplexity {dense_ppl:.3f}; floor forward pass {floor_forward:.1f}s\n\n" + markdown(rows, columns)
+    columns = [
+        "config",
+        "ratio",
+        "ppl",
+        "seconds",
+        "statistics_s",
+        "factorization_s",
+        "x_floor",
+        "peak_rss_gib",
+    ]
+    table = f"dense perplexity {dense_ppl:.3f}; floor forward pass {floor_forward:.1f}s\n\n" + markdown(
+        rows, columns
+    )
     print(table)
-    (save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
-     .with_suffix(".md").write_text(table + "\n"))
+    (
+        save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
+        .with_suffix(".md")
+        .write_text(table + "\n")
+    )
     plot(rows, dense_ppl, args.name)
 
 
@@ -80,7 +101,6 @@ def plot(rows: list[dict], dense_ppl: float, name: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from common import RESULTS
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

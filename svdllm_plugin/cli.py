@@ -1,4 +1,4 @@
-"""`svdllm` command line: compress a model with a recipe, evaluate a model or folder."""
+"""`svdllm` command line: compress a model with a recipe, evaluate, generate from or export a folder."""
 
 from __future__ import annotations
 
@@ -52,6 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+
+    g = sub.add_parser("generate", help="greedy chat generation from a model or compressed folder")
+    g.add_argument("model", help=f"'{DEFAULT_MODEL}', a (compressed) folder, or a hub id")
+    g.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--bnb",
+        choices=["nf4", "int8"],
+        default=None,
+        help="convert every Linear (the SVD factors included) to bitsandbytes NF4 / int8 first",
+    )
+    g.add_argument("--device", default=None)
+
+    x = sub.add_parser("export-gptq", help="export a GPTQ-quantized folder in the auto-gptq layout")
+    x.add_argument("model", help="a folder written by `svdllm compress` with a GPTQModifier recipe")
+    x.add_argument("--output", required=True, help="folder to write (must not exist, see --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
 
 
@@ -104,10 +121,49 @@ def _eval(args) -> None:
         print(f"perplexity {ppl:.4f} over {windows.shape[0]} windows of {args.seq_len} tokens")
 
 
+def _generate(args) -> None:
+    import torch
+
+    from svdllm_plugin.compress import default_device
+    from svdllm_plugin.models import load_model_and_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer; got {args.max_new_tokens}")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    if args.bnb:
+        from svdllm_plugin.quantized import to_bitsandbytes
+
+        model = to_bitsandbytes(model, args.bnb)
+    model.to(args.device or default_device())
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _export_gptq(args) -> None:
+    from svdllm_plugin.atomic import check_output_dir
+    from svdllm_plugin.export.gptq import export_gptq
+    from svdllm_plugin.models import load_model_and_tokenizer
+
+    check_output_dir(args.output, args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    folder = export_gptq(model, args.output, tokenizer, overwrite=args.overwrite)
+    print(f"exported {args.model} as an auto-gptq checkpoint to {folder}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"compress": _compress, "eval": _eval}[args.command](args)
+        commands = {"compress": _compress, "eval": _eval, "generate": _generate, "export-gptq": _export_gptq}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         logger.opt(exception=error).debug("svdllm failed")
         print(f"svdllm {args.command}: error: {_message(error)}", file=sys.stderr)

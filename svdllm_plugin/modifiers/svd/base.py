@@ -220,6 +220,7 @@ class SVDLLMModifier(Modifier):
                 f"SVDLLMModifier: none of the {len(matched)} matched matrices saves parameters "
                 f"at ratio={self._ratio}; raise `ratio`"
             )
+        _check_group_sizes(self, self._layers)
         logger.info(
             "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f}, allocation={}",
             len(self._layers),
@@ -464,3 +465,37 @@ def _max_rank(layer: SVDLinear) -> int:
 
 def _inside_svd_linear(name: str) -> bool:
     return name.endswith((".svd_u", ".svd_v"))
+
+
+def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None:
+    """Fail at initialize when a later quantization modifier's group size does not divide a rank.
+
+    svd_u's input width is the rank k, and group quantization splits the input columns into
+    whole groups: GPTQ would fail only after the SVD calibration has run.
+    """
+    from compressed_tensors.utils import match_targets
+    from llmcompressor.core import active_session
+
+    modifiers = list(getattr(active_session().lifecycle.recipe, "modifiers", None) or [])
+    position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
+    if position is None:
+        return
+    for later in modifiers[position + 1:]:
+        if not hasattr(later, "resolve_quantization_config"):
+            continue
+        config = later.resolve_quantization_config()
+        for scheme in config.config_groups.values():
+            group_size = getattr(scheme.weights, "group_size", None)
+            if not group_size or group_size < 1:
+                continue
+            for name, layer in layers.items():
+                child = f"{name}.svd_u"
+                if layer.rank % group_size == 0 or not match_targets(child, layer.svd_u, scheme.targets):
+                    continue
+                if match_targets(child, layer.svd_u, config.ignore):
+                    continue
+                raise ValueError(
+                    f"{type(later).__name__} quantizes {child} in groups of {group_size} input columns, but "
+                    f"its input width is the SVD rank {layer.rank}, not a multiple of {group_size}; set "
+                    f"`rank_multiple: {group_size}` in SVDLLMModifier"
+                )

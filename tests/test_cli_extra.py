@@ -1,0 +1,138 @@
+"""`svdllm generate` and `svdllm export-gptq` on tiny compressed folders.
+
+Two folders for the module, built with test_recipes' helpers from the recipes themselves:
+a float SVD-LLM checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor checkpoint
+(recipes/svd_w4.yaml), both on the hidden-256 tiny Llama with the SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_recipes import RECIPES, build_tiny, compress_tiny
+
+from svdllm_plugin.cli import main
+
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _compressed(recipe_stem, tmp_path_factory, tokenizer, calib):
+    from svdllm_plugin.checkpoint import save_pretrained
+
+    work = tmp_path_factory.mktemp(recipe_stem)
+    dense = build_tiny(work / "dense", tokenizer)
+    recipe = next(p for p in RECIPES if p.stem == recipe_stem)
+    model = compress_tiny(dense, str(recipe), calib)
+    return save_pretrained(model, work / "checkpoint", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def svd_folder(tmp_path_factory, tokenizer, calib):
+    return _compressed("svd_llm_0.2", tmp_path_factory, tokenizer, calib)
+
+
+@pytest.fixture(scope="module")
+def w4_folder(tmp_path_factory, tokenizer, calib):
+    return _compressed("svd_w4", tmp_path_factory, tokenizer, calib)
+
+
+def _reference_generation(folder, max_new_tokens: int) -> str:
+    """What greedy chat generation gives, computed here without the CLI."""
+    from transformers import AutoTokenizer
+
+    from svdllm_plugin.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**chat, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("folder", ["svd_folder", "w4_folder"])
+def test_generate_is_greedy_chat(request, capsys, folder):
+    folder = request.getfixturevalue(folder)
+    assert main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == _reference_generation(folder, 5) + "\n"
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_generate_with_bitsandbytes(svd_folder, capsys, monkeypatch, mode):
+    pytest.importorskip("bitsandbytes")
+    from svdllm_plugin import quantized
+
+    converted = []
+    original = quantized.to_bitsandbytes
+
+    def spy(model, mode="nf4", **kwargs):
+        converted.append(mode)
+        return original(model, mode, **kwargs)
+
+    monkeypatch.setattr(quantized, "to_bitsandbytes", spy)
+    argv = ["generate", str(svd_folder), "--prompt", PROMPT, "--max-new-tokens", "3", "--bnb", mode]
+    assert main(argv) == 0
+    assert converted == [mode]
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generate_refuses_bnb_on_a_gptq_folder(w4_folder, capsys):
+    assert main(["generate", str(w4_folder), "--prompt", PROMPT, "--bnb", "nf4"]) == 2
+    assert "already quantized by compressed-tensors" in capsys.readouterr().err
+
+
+def test_generate_rejects_bad_arguments(svd_folder, tmp_path, capsys):
+    assert main(["generate", str(svd_folder), "--prompt", PROMPT, "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be a positive integer; got 0" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", PROMPT]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --bnb takes nf4 or int8
+        main(["generate", str(svd_folder), "--prompt", PROMPT, "--bnb", "fp4"])
+
+
+def test_export_gptq(w4_folder, tmp_path, capsys):
+    from svdllm_plugin.export import unpack_gptq_integers, unpack_gptq_linear
+    from svdllm_plugin.quantized import read_quantized_weights, read_safetensors
+
+    out = tmp_path / "gptq"
+    assert main(["export-gptq", str(w4_folder), "--output", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "quantize_config.json", "tokenizer.json"} <= files
+    quantize_config = json.loads((out / "quantize_config.json").read_text())
+    assert (quantize_config["bits"], quantize_config["group_size"], quantize_config["sym"]) == (4, 64, True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["svdllm"]["ranks"] == json.loads((w4_folder / "config.json").read_text())["svdllm"]["ranks"]
+
+    state, saved = read_safetensors(out), read_quantized_weights(w4_folder)
+    assert len(saved) == 28  # 2 layers x 7 SVDLinear x (svd_u, svd_v)
+    for name, qw in saved.items():
+        t = {k: state[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        q_u, zeros = unpack_gptq_integers(t["qweight"], t["qzeros"], 4)
+        assert torch.equal(q_u, qw.q.to(torch.int64) + 8) and bool((zeros == 8).all())
+        W = unpack_gptq_linear(**t, bits=4)
+        assert torch.equal(W, qw.dequantize(scale=qw.scale.half().float()))
+
+    assert main(["export-gptq", str(w4_folder), "--output", str(out)]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export-gptq", str(w4_folder), "--output", str(out), "--overwrite"]) == 0
+
+
+def test_export_gptq_refuses_an_unquantized_folder(svd_folder, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    assert main(["export-gptq", str(svd_folder), "--output", str(out)]) == 2
+    assert "no quantized Linears" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,374 @@
+"""Every YAML in recipes/ through llmcompressor's oneshot on a tiny Llama, and the checks that make
+recipes composable: OneshotMagnitudePruningModifier, and SVDLLMModifier's early group-size check.
+
+The tiny Llama (hidden 256, intermediate 512, 2 layers, 4 heads / 2 KV heads, tied embeddings,
+the SmolLM2 tokenizer's vocabulary) is the smallest shape where the recipes' SmolLM2 settings
+(SVD ratio 0.4 with rank_multiple 64, GPTQ group 64) still save parameters: every factor rank is 64.
+One oneshot per recipe (a module-scoped fixture), saved with ``checkpoint.save_pretrained`` and
+reloaded with ``checkpoint.load_pretrained``; the tests then read the integers, zeros and logits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llmcompressor.core import Event, EventType, State
+from pydantic import ValidationError
+from torch import nn
+
+from svdllm_plugin.layers import SVDLinear, factorized_ranks, replace_module
+from svdllm_plugin.modifiers.pruning import OneshotMagnitudePruningModifier
+from svdllm_plugin.modifiers.pruning.magnitude import magnitude_mask
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+LORA_FAST = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and the test machine has 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- helpers (test_cli_extra uses them)
+
+
+def build_tiny(folder: Path, tokenizer) -> Path:
+    """Save a tied-embedding tiny Llama with ``tokenizer`` (oneshot reloads config from the folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def recipe_modifiers(recipe: dict) -> dict[str, dict]:
+    """{modifier name: settings} of a ``*_stage`` / ``*_modifiers`` recipe, in order."""
+    return {
+        name: settings or {}
+        for stage in recipe.values()
+        for group in stage.values()
+        for name, settings in group.items()
+    }
+
+
+def fast_recipe(path: Path, folder: Path) -> str:
+    """The recipe text, with LoRA shortened to a few steps on short windows."""
+    recipe = yaml.safe_load(path.read_text())
+    for stage in recipe.values():
+        for group in stage.values():
+            if "SequentialLoRAModifier" in group:
+                group["SequentialLoRAModifier"].update(LORA_FAST)
+    out = folder / path.name
+    out.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(out)
+
+
+def compress_tiny(dense: Path, recipe: str, calib):
+    """The tiny model from ``dense`` after oneshot with ``recipe`` (a path or YAML text)."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    import svdllm_plugin  # noqa: F401  (registers the modifiers)
+
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=len(calib[0]["input_ids"]))
+    return model.eval()
+
+
+def factor_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: weight} of every svd_u / svd_v child."""
+    return {
+        f"{name}.{child}": getattr(layer, child).weight.detach()
+        for name, layer in model.named_modules() if isinstance(layer, SVDLinear)
+        for child in ("svd_u", "svd_v")
+    }
+
+
+# ---------------------------------------------------------------- one oneshot per recipe
+
+
+@dataclass
+class Compressed:
+    name: str
+    modifiers: dict[str, dict]
+    model: nn.Module  # in memory, right after oneshot
+    logits: torch.Tensor  # of ``model`` on the probe, before saving
+    folder: Path  # checkpoint.save_pretrained
+    reloaded: nn.Module  # checkpoint.load_pretrained
+    embed: torch.Tensor  # the dense model's embedding table
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("recipes") / "tiny", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def probe(tokenizer) -> torch.Tensor:
+    return torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module", params=RECIPES, ids=lambda p: p.stem)
+def compressed(request, dense, calib, probe, tokenizer, tmp_path_factory) -> Compressed:
+    from transformers import AutoModelForCausalLM
+
+    from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
+
+    path, work = request.param, tmp_path_factory.mktemp(request.param.stem)
+    embed = AutoModelForCausalLM.from_pretrained(dense).model.embed_tokens.weight.detach().clone()
+    model = compress_tiny(dense, fast_recipe(path, work), calib)
+    with torch.no_grad():
+        logits = model(probe).logits
+    folder = save_pretrained(model, work / "checkpoint", tokenizer)
+    reloaded = load_pretrained(folder)
+    modifiers = recipe_modifiers(yaml.safe_load(path.read_text()))
+    return Compressed(path.stem, modifiers, model, logits, folder, reloaded, embed)
+
+
+def test_recipe_is_documented(compressed):
+    text = (RECIPES[0].parent / f"{compressed.name}.yaml").read_text()
+    assert text.startswith("#")
+    assert f"svdllm compress --recipe recipes/{compressed.name}.yaml --output outputs/" in text
+
+
+def test_factorized_ranks(compressed):
+    svd = compressed.modifiers.get("SVDLLMModifier")
+    ranks = factorized_ranks(compressed.model)
+    assert factorized_ranks(compressed.reloaded) == ranks
+    if svd is None:  # the dense GPTQ baseline
+        assert not ranks
+        return
+    assert len(ranks) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    multiple = svd.get("rank_multiple", 1)
+    assert all(k % multiple == 0 for k in ranks.values())
+    assert not any(layer.pending for layer in compressed.model.modules() if isinstance(layer, SVDLinear))
+
+
+def test_reload_gives_identical_logits(compressed, probe):
+    with torch.no_grad():
+        assert torch.equal(compressed.reloaded(probe).logits, compressed.logits)
+
+
+def test_lm_head_and_embeddings_untouched(compressed):
+    for model in (compressed.model, compressed.reloaded):
+        assert type(model.lm_head) is nn.Linear
+        assert getattr(model.lm_head, "quantization_scheme", None) is None
+        assert torch.equal(model.model.embed_tokens.weight, compressed.embed)
+        assert torch.equal(model.lm_head.weight, compressed.embed)  # tied, unpruned
+
+
+def test_quantized_factors_fit_their_bits(compressed):
+    from svdllm_plugin.quantized import max_distinct_per_group, read_quantized_weights
+
+    gptq = compressed.modifiers.get("GPTQModifier")
+    if gptq is None:
+        pytest.skip("no GPTQModifier in this recipe")
+    weights = gptq["config_groups"]["group_0"]["weights"]
+    bits, group_size = weights["num_bits"], weights["group_size"]
+    saved = read_quantized_weights(compressed.folder)
+    ranks = factorized_ranks(compressed.model)
+    expected = (
+        {f"{n}.{c}" for n in ranks for c in ("svd_u", "svd_v")} if ranks
+        else {n for n, m in compressed.model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    )
+    assert saved.keys() == expected
+    for name, qw in saved.items():
+        assert qw.bits == bits and qw.group_size == group_size, name
+        q = qw.q.int()
+        assert -(2 ** (bits - 1)) <= q.min() and q.max() < 2 ** (bits - 1)
+        assert max_distinct_per_group(qw.q, group_size) <= 2**bits
+        weight = compressed.reloaded.get_submodule(name).weight.detach()  # dequantized on reload
+        assert max_distinct_per_group(weight, group_size) <= 2**bits
+        assert torch.equal(qw.dequantize(), weight)
+
+
+def test_pruned_factors_reach_their_sparsity(compressed):
+    pruning = {
+        name: settings for name, settings in compressed.modifiers.items()
+        if name in ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
+    }
+    if not pruning:
+        pytest.skip("no pruning modifier in this recipe")
+    sparsity = max(settings["sparsity"] for settings in pruning.values())
+    structure = next(iter(pruning.values())).get("mask_structure", "unstructured")
+    weights = factor_weights(compressed.reloaded)
+    assert len(weights) == 28
+    zeros = sum(int((W == 0).sum()) for W in weights.values())
+    measured = zeros / sum(W.numel() for W in weights.values())
+    if structure == "2:4":
+        for name, W in weights.items():
+            groups = (W == 0).reshape(W.shape[0], -1, 4).sum(dim=2)  # (m, n / 4)
+            assert bool((groups >= 2).all()), name
+    if "GPTQModifier" in compressed.modifiers:
+        # GPTQ's 4-bit rounding zeroes small weights too; the final magnitude pass leaves
+        # at least half of every row zero
+        assert measured >= sparsity
+        for name, W in weights.items():
+            assert bool(((W == 0).sum(dim=1) >= round(sparsity * W.shape[1])).all()), name
+    else:
+        assert abs(measured - sparsity) <= 0.01, measured
+
+
+# ---------------------------------------------------------------- SVDLLMModifier's group-size check
+
+
+def test_group_size_that_does_not_divide_the_ranks_fails_early(dense, calib):
+    recipe = """
+svd_stage:
+  svd_modifiers:
+    SVDLLMModifier:
+      ratio: 0.4
+      rank_multiple: 1
+    GPTQModifier:
+      ignore: ["re:.*lm_head"]
+      config_groups:
+        group_0:
+          targets: ["Linear"]
+          weights:
+            num_bits: 4
+            type: int
+            symmetric: true
+            strategy: group
+            group_size: 64
+"""
+    with pytest.raises(ValueError, match=r"groups of 64 .* SVD rank 76.*`rank_multiple: 64`"):
+        compress_tiny(dense, recipe, calib)
+
+
+# ---------------------------------------------------------------- OneshotMagnitudePruningModifier
+
+
+def _run(modifier: OneshotMagnitudePruningModifier, model: nn.Module) -> None:
+    state = State(model=model)
+    modifier.initialize(state)
+    for event in (EventType.CALIBRATION_START, EventType.SEQUENTIAL_EPOCH_END, EventType.CALIBRATION_END):
+        modifier.update_event(state, Event(type_=event), modules=list(model.modules()))
+    modifier.finalize(state)
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", nn.Linear(16, 32))
+    model.add_module("down", nn.Linear(32, 16))
+    model.add_module("lm_head", nn.Linear(16, 8))
+    return model
+
+
+def test_magnitude_mask_unstructured_and_n_m():
+    W = torch.tensor([[4.0, -1.0, 3.0, 0.5, -2.0, 6.0, 0.1, -5.0]])
+    pruned = lambda mask: mask[0].nonzero().flatten().tolist()  # noqa: E731
+    assert pruned(magnitude_mask(W, 0.5)) == [1, 3, 4, 6]
+    assert pruned(magnitude_mask(W, 0.5, (2, 4))) == [1, 3, 4, 6]
+    assert pruned(magnitude_mask(W, 0.25, (1, 4))) == [3, 6]
+    assert pruned(magnitude_mask(W, 0.25)) == [3, 6]
+
+
+@pytest.mark.parametrize("structure, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5)])
+def test_magnitude_modifier_prunes_in_oneshot(structure, sparsity):
+    model = _small_model()
+    before = {n: m.weight.detach().clone() for n, m in model.named_children()}
+    modifier = OneshotMagnitudePruningModifier(sparsity=sparsity, mask_structure=structure)
+    _run(modifier, model)
+    for name in ("up", "down"):
+        W, W0 = model.get_submodule(name).weight.detach(), before[name]
+        assert int((W == 0).sum(dim=1).min()) == round(sparsity * W.shape[1])  # every row
+        kept = W != 0
+        assert torch.equal(W[kept], W0[kept])  # survivors unchanged
+        if structure == "unstructured":  # the zeroed weights are the smallest of their row
+            pruned_max = W0.abs().masked_fill(kept, -1.0).amax(dim=1)
+            kept_min = W0.abs().masked_fill(~kept, float("inf")).amin(dim=1)
+            assert bool((pruned_max <= kept_min).all())
+        else:
+            assert bool(((W == 0).reshape(W.shape[0], -1, 4).sum(dim=2) == 2).all())
+    assert torch.equal(model.lm_head.weight, before["lm_head"])  # ignored by default
+    assert [r["name"] for r in modifier.records] == ["up", "down"]
+
+
+def test_magnitude_round_trip():
+    modifier = OneshotMagnitudePruningModifier(sparsity=0.5, mask_structure="2:4", targets="re:.*up$")
+    again = OneshotMagnitudePruningModifier.model_validate(modifier.model_dump())
+    assert again == modifier and again.targets == ["re:.*up$"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sparsity=0.0), r"`sparsity` .* must be in \(0, 1\); got 0.0"),
+        (dict(sparsity=1.5), r"must be in \(0, 1\); got 1.5"),
+        (dict(sparsity=0.5, mask_structure="2-4"), "`mask_structure` must be 'unstructured' or 'N:M'"),
+        (dict(sparsity=0.5, mask_structure="4:2"), "0 < N < M"),
+        (dict(sparsity=0.5, mask_structure="0:4"), "got '0:4'"),
+        (dict(sparsity=0.6, mask_structure="2:4"), "zeroes 2 of every 4 weights, sparsity 0.5; got 0.6"),
+        (dict(sparsity=0.5, ratio=0.5), "Extra inputs are not permitted"),
+        (dict(), "sparsity"),
+    ],
+)
+def test_magnitude_invalid_settings(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        OneshotMagnitudePruningModifier(**kwargs)
+
+
+def test_magnitude_targets_matching_nothing():
+    modifier = OneshotMagnitudePruningModifier(sparsity=0.5, targets=["re:.*no_such_layer$"])
+    with pytest.raises(ValueError, match="no Linear modules matching.*check `targets`"):
+        modifier.initialize(State(model=_small_model()))
+
+
+def test_magnitude_n_m_needs_whole_groups():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 6), nn.Linear(6, 4))
+    before = [m.weight.detach().clone() for m in model]
+    with pytest.raises(ValueError, match="2: mask_structure '2:4' needs .* multiple of 4; got 6"):
+        _run(OneshotMagnitudePruningModifier(sparsity=0.5, mask_structure="2:4", ignore=[]), model)
+    assert all(torch.equal(m.weight, W) for m, W in zip(model, before))  # nothing pruned
+
+
+def test_magnitude_refuses_pending_factors():
+    model = _small_model()
+    replace_module(model, "up", SVDLinear.from_linear(model.up, 8))  # pending: no factors yet
+    with pytest.raises(ValueError, match="put SVDLLMModifier before it in the recipe"):
+        _run(OneshotMagnitudePruningModifier(sparsity=0.5), model)
+
+
+def test_magnitude_before_svd_in_a_recipe_is_refused(dense, calib):
+    recipe = """
+prune_stage:
+  prune_modifiers:
+    OneshotMagnitudePruningModifier:
+      sparsity: 0.5
+    SVDLLMModifier:
+      ratio: 0.4
+"""
+    with pytest.raises(ValueError, match="put SVDLLMModifier before it"):
+        compress_tiny(dense, recipe, calib)
+
+
+def test_recipes_resolve_our_modifiers():
+    """Every recipe parses (pydantic validates each modifier) and names known modifiers."""
+    from llmcompressor.recipe import Recipe
+
+    import svdllm_plugin  # noqa: F401
+
+    names = set()
+    for path in RECIPES:
+        recipe = Recipe.create_instance(path.read_text())
+        names |= {type(m).__name__ for m in recipe.modifiers}
+    assert {"SVDLLMModifier", "GPTQModifier", "SparseGPTModifier", "WandaPruningModifier",
+            "OneshotMagnitudePruningModifier", "SequentialLoRAModifier"} <= names
+    assert all(re.fullmatch(r"[a-z0-9_.]+", p.stem) for p in RECIPES)
