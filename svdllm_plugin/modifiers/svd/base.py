@@ -248,10 +248,15 @@ class SVDLLMModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
             self._original = passes.collect_statistics(state.model, self._layers, state.data.calib)
-        self._collector = StatisticsCollector(names={m: n for n, m in self._layers.items()})
+        self._collector = StatisticsCollector(names={m: n for n, m in self._layers.items()}, want=self._wanted())
         for layer in self._layers.values():
             if layer.pending:
                 self.register_hook(layer, self._collector, "forward_pre")
+
+    def _wanted(self) -> frozenset:
+        """Statistics the method reads: X X^T (whitening, update), |x| (ASVD), or none."""
+        want = {"svd_llm": {"H"}, "svd_llm_v2": {"H"}, "asvd": {"abs"}}.get(self.method, set())
+        return frozenset(want | ({"H"} if self.closed_form_update else set()))
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules=None, **kwargs):
         self._compress_ready()

@@ -28,11 +28,14 @@ class InputStatistics:
         zeros = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros(n, n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros))
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
+        """Accumulate only what the method reads: X X^T costs about as much as the layer."""
         X = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, n)
-        self.H += (X.T @ X).to(torch.float64)
-        self.abs_sum += X.abs().sum(0).to(torch.float64)
-        self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
+        if "H" in want:
+            self.H += (X.T @ X).to(torch.float64)
+        if "abs" in want:
+            self.abs_sum += X.abs().sum(0).to(torch.float64)
+            self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
         self.tokens += X.shape[0]
 
     def covariance(self) -> torch.Tensor:
@@ -45,6 +48,7 @@ class StatisticsCollector:
     """Routes each module's input to its group's accumulator."""
 
     names: dict[nn.Module, str]
+    want: frozenset = frozenset({"H", "abs"})  # which statistics the method reads
     leader: dict[nn.Module, nn.Module] = field(default_factory=dict)
     stats: dict[nn.Module, InputStatistics] = field(default_factory=dict)
     _last_input: torch.Tensor | None = None
@@ -66,7 +70,7 @@ class StatisticsCollector:
         if lead is module:
             if lead not in self.stats:
                 self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device)
-            self.stats[lead].add(x.detach())
+            self.stats[lead].add(x.detach(), self.want)
 
     def get(self, module: nn.Module) -> InputStatistics | None:
         return self.stats.get(self.leader.get(module))
