@@ -248,7 +248,9 @@ class SVDLLMModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
             self._original = passes.collect_statistics(state.model, self._layers, state.data.calib)
-        self._collector = StatisticsCollector(names={m: n for n, m in self._layers.items()}, want=self._wanted())
+        self._collector = StatisticsCollector(
+            names={m: n for n, m in self._layers.items()}, want=self._wanted()
+        )
         for layer in self._layers.values():
             if layer.pending:
                 self.register_hook(layer, self._collector, "forward_pre")
@@ -485,7 +487,7 @@ def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None
     position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
     if position is None:
         return
-    for later in modifiers[position + 1:]:
+    for later in modifiers[position + 1 :]:
         if not hasattr(later, "resolve_quantization_config"):
             continue
         config = later.resolve_quantization_config()
