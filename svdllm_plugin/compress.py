@@ -106,7 +106,13 @@ def load_recipe(recipe: str | None):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {recipe} does not exist; pass a YAML recipe path")
         text = path.read_text()
-    return text, Recipe.create_instance(text).modifiers  # oneshot builds its own instances
+    modifiers = Recipe.create_instance(text).modifiers  # oneshot builds its own instances
+    if not modifiers:
+        raise ValueError(
+            f"recipe {recipe or '(default)'} defines no modifiers: nest them as "
+            "`<name>_stage: {<name>_modifiers: {SVDLLMModifier: {...}}}` (llmcompressor ignores other keys)"
+        )
+    return text, modifiers
 
 
 def single_pass(modifiers) -> bool:

@@ -173,3 +173,9 @@ def test_eval_runs_the_offline_lm_eval_task_on_a_compressed_folder(tiny_dir, tmp
     assert "svdllm_embedded" in printed and "word_perplexity" in printed and "bits_per_byte" in printed
     results = json.loads(printed.strip().splitlines()[-1])["results"]["svdllm_embedded"]
     assert results["bits_per_byte,none"] > 0
+
+
+def test_recipe_without_stage_nesting_is_an_error(tiny_dir, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "SVDLLMModifier:\n  ratio: 0.2\n")
+    _fails(["compress", "--model", str(tiny_dir), "--recipe", recipe, "--output", str(tmp_path / "o")],
+           capsys, "defines no modifiers")
