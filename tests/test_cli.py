@@ -177,5 +177,8 @@ def test_eval_runs_the_offline_lm_eval_task_on_a_compressed_folder(tiny_dir, tmp
 
 def test_recipe_without_stage_nesting_is_an_error(tiny_dir, tmp_path, capsys):
     recipe = write_recipe(tmp_path, "SVDLLMModifier:\n  ratio: 0.2\n")
-    _fails(["compress", "--model", str(tiny_dir), "--recipe", recipe, "--output", str(tmp_path / "o")],
-           capsys, "defines no modifiers")
+    _fails(
+        ["compress", "--model", str(tiny_dir), "--recipe", recipe, "--output", str(tmp_path / "o")],
+        capsys,
+        "defines no modifiers",
+    )
