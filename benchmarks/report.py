@@ -22,7 +22,7 @@ def methods() -> None:
     rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["config"], r["ratio"]))
     dense = runs[0]["dense_ppl"]
     floors = sorted({round(run["floor_forward_s"], 1) for run in runs})
-    print(f"### Methods (dense perplexity {dense:.3f}; plain forward pass over calibration data {floors} s)\n")
+    print(f"### Methods (dense perplexity {dense:.3f}; forward pass over calibration data {floors} s)\n")
     print(markdown(rows, ["config", "ratio", "ppl", "seconds", "statistics_s", "factorization_s", "x_floor"]))
     plot(rows, dense, "methods")
     print()
