@@ -92,7 +92,7 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, **kwargs):
     with no_init_weights():  # every parameter is overwritten by the checkpoint below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     factorize_structure(model, info["ranks"])
-    missing, unexpected = model.load_state_dict(_read_state_dict(folder), strict=False)
+    missing, unexpected = model.load_state_dict(read_safetensors(folder), strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:
         raise ValueError(
@@ -104,9 +104,11 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, **kwargs):
     return model
 
 
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint folder."""
     from safetensors.torch import load_file
 
+    folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -23,6 +23,7 @@ from loguru import logger
 from torch import nn
 
 from svdllm_plugin.atomic import atomic_output_dir
+from svdllm_plugin.checkpoint import read_safetensors
 from svdllm_plugin.layers import SVDLinear, factorized_ranks
 from svdllm_plugin.version import __version__
 
@@ -296,23 +297,6 @@ def _bnb_linear(linear: nn.Linear, mode: str, bnb) -> nn.Module:
     if bias is not None:
         new.bias = nn.Parameter(bias.data, requires_grad=False)
     return new.to(device)
-
-
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint folder."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = ["model.safetensors"]
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    state = {}
-    for file in files:
-        if not (folder / file).exists():
-            raise FileNotFoundError(f"checkpoint file {folder / file} is missing; the folder is incomplete")
-        state.update(load_file(folder / file))
-    return state
 
 
 def _require_quantized(model: nn.Module) -> None:

@@ -18,12 +18,6 @@ from svdllm_plugin.cli import main
 PROMPT = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _compressed(recipe_stem, tmp_path_factory, tokenizer, calib):

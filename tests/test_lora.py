@@ -10,32 +10,20 @@ import torch
 from llmcompressor.core import Event, EventType, State
 from pydantic import ValidationError
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from svdllm_plugin.layers import SVDLinear, replace_module
+from svdllm_plugin.models import resolve_model_path
 from svdllm_plugin.modifiers.lora import SequentialLoRAModifier
 from svdllm_plugin.modifiers.lora.train import LoraSettings, train_round
 
-TOKENIZER = Path.home() / ".cache" / "svdllm_plugin" / "models" / "SmolLM2-135M-Instruct"
 RANK = 8
 SEQ_LEN = 32
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun. " * 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine 2 threads ran 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not (TOKENIZER / "tokenizer.json").exists():
-        pytest.skip(f"no tokenizer at {TOKENIZER}: run `svdllm` once to convert SmolLM2")
-    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 @pytest.fixture
@@ -148,7 +136,7 @@ def _run(modifier: SequentialLoRAModifier, model: nn.Module) -> None:
 def _modifier(text_file: str, **kwargs) -> SequentialLoRAModifier:
     settings = dict(
         r=4, alpha=8, dropout=0.0, lr=1e-2, steps=8, batch_size=2, num_samples=8, seq_len=SEQ_LEN,
-        dataset=text_file, tokenizer=str(TOKENIZER), eval_windows=2,
+        dataset=text_file, tokenizer=resolve_model_path("smollm2-135m"), eval_windows=2,
     )
     return SequentialLoRAModifier(**{**settings, **kwargs})
 
