@@ -44,23 +44,34 @@ def params_of(m: int, n: int, k: int) -> int:
     return k * (m + n)
 
 
-def allocate_by_loss(matrices: list[Matrix], uniform: dict[str, int], multiple: int = 1) -> dict[str, int]:
-    """Greedy water-filling of each type's rank budget by relative truncation loss."""
+def allocate_by_loss(
+    matrices: list[Matrix], uniform: dict[str, int], multiple: int = 1, spread: float = 0.5
+) -> dict[str, int]:
+    """Greedy water-filling of each type's rank budget by relative truncation loss.
+
+    Every matrix starts at (1 - spread) x its uniform rank and may grow to (1 + spread) x:
+    unbounded, the greedy starves single matrices to rank 1, and an early layer cut that far
+    ruins every layer after it (seen on SmolLM2).
+    """
     ranks: dict[str, int] = {}
     groups: dict[str, list[Matrix]] = {}
     for mat in matrices:
         groups.setdefault(matrix_type(mat.name), []).append(mat)
     for group in groups.values():
         budget = sum(uniform[mat.name] for mat in group)  # same shape within a type: ranks are params
-        current = {mat.name: multiple for mat in group}
-        budget -= multiple * len(group)
-        heap = [(-_next_gain(mat, multiple, multiple), i, mat) for i, mat in enumerate(group)]
+        floor = {
+            m.name: max(multiple, int(uniform[m.name] * (1 - spread)) // multiple * multiple) for m in group
+        }
+        cap = {m.name: min(m.max_rank, int(uniform[m.name] * (1 + spread))) for m in group}
+        current = dict(floor)
+        budget -= sum(floor.values())
+        heap = [(-_next_gain(m, current[m.name], multiple), i, m) for i, m in enumerate(group)]
         heapq.heapify(heap)
         while budget >= multiple and heap:
             _, i, mat = heapq.heappop(heap)
             current[mat.name] += multiple
             budget -= multiple
-            if current[mat.name] + multiple <= mat.max_rank:
+            if current[mat.name] + multiple <= cap[mat.name]:
                 heapq.heappush(heap, (-_next_gain(mat, current[mat.name], multiple), i, mat))
         ranks.update(current)
     return ranks

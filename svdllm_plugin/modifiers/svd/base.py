@@ -113,6 +113,8 @@ class SVDLLMModifier(Modifier):
     _full: dict[str, Factors] = PrivateAttr(default_factory=dict)
     _ratio: float = PrivateAttr(default=0.2)
     _sensitivity_cost: dict = PrivateAttr(default_factory=dict)
+    _seconds: dict[str, float] = PrivateAttr(default_factory=dict)  # deferred factorizations
+    _tokens: dict[str, int] = PrivateAttr(default_factory=dict)
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -327,6 +329,7 @@ class SVDLLMModifier(Modifier):
                 self._full[name] = factorize(
                     W, _max_rank(layer), S, S_inv, self._row_scale.get(name), self.sigma
                 )
+                self._seconds[name], self._tokens[name] = time.perf_counter() - start, stats.tokens
                 continue
             factors = factorize(W, layer.rank, S, S_inv, self._row_scale.get(name), self.sigma)
             if self.closed_form_update:  # stats are the propagated inputs here
@@ -362,7 +365,7 @@ class SVDLLMModifier(Modifier):
             k, layer = ranks[name], self._layers[name]
             factors = Factors(full.W_u[:, :k], full.W_v[:k], full.sigma, truncation_loss(full.sigma, k))
             layer.set_factors(factors.W_u, factors.W_v)
-            self._record(name, layer, factors, 0, 0.0)
+            self._record(name, layer, factors, self._tokens.get(name, 0), self._seconds.get(name, 0.0))
 
     def _sensitivity(self, state: State) -> dict[str, dict[float, float]]:
         """ASVD: perplexity on calibration batches with only one matrix truncated at each ratio."""
