@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=20)
+    parser.add_argument("--runs", nargs="+", default=None, help="CONFIG@RATIO pairs instead of the grid")
     parser.add_argument("--name", default="methods")
     args = parser.parse_args()
 
@@ -49,8 +50,11 @@ def main() -> None:
     dense_ppl = bench.ppl(bench.model)
     floor_forward = forward_floor(bench)
     rows = []
-    for config in args.configs:
-        for ratio in args.ratios:
+    grid = [(c, r) for c in args.configs for r in args.ratios]
+    if args.runs:
+        grid = [(run.split("@")[0], float(run.split("@")[1])) for run in args.runs]
+    for config, ratio in grid:
+        if True:
             settings = CONFIGS[config]
             modifier = SVDLLMModifier(ratio=ratio, **settings)
             model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
