@@ -47,6 +47,7 @@ def _convert_smollm2(dest: Path) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     tokenizer.eos_token = "<|im_end|>"
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE; transformers warns on every load
     model.config.eos_token_id = _IM_END_ID
     model.generation_config.eos_token_id = _IM_END_ID
     with atomic_output_dir(dest) as tmp:
