@@ -20,6 +20,9 @@ def methods() -> None:
     if not runs:
         return
     rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["config"], r["ratio"]))
+    for row in rows:  # x floor is only comparable where the floor was measured just before the run
+        if "floor_forward_s" not in row:
+            row["x_floor"] = "-"
     dense = runs[0]["dense_ppl"]
     floors = sorted({round(run["floor_forward_s"], 1) for run in runs})
     print(f"### Methods (dense perplexity {dense:.3f}; forward pass over calibration data {floors} s)\n")
