@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from svdllm_plugin import data
 from svdllm_plugin.data import EMBEDDED, calibration_dataset, embedded_text, eval_windows, load_text
@@ -27,17 +27,6 @@ def _byte_tokenizer():
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     return _byte_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from svdllm_plugin.models import resolve_model_path
-
-    try:
-        folder = resolve_model_path("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
-    return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="session")
@@ -267,16 +256,16 @@ def test_no_too_long_warning(caplog):
     assert "longer than the specified maximum" in caplog.text
 
 
-def test_chunked_tokenization_matches_whole(embedded, smollm2_tokenizer):
+def test_chunked_tokenization_matches_whole(embedded, tokenizer):
     text = embedded["cold"]["evaluation"]
     chunks = data._chunks(text, size=10_000)
     assert len(chunks) > 5 and "".join(chunks) == text
-    whole = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert data._tokenize(smollm2_tokenizer, text).tolist() == whole
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert data._tokenize(tokenizer, text).tolist() == whole
 
 
-def test_real_tokenizer_end_to_end(embedded, smollm2_tokenizer):
-    ds = calibration_dataset(smollm2_tokenizer, embedded["cold"]["calibration"], num_samples=4, seq_len=256)
+def test_real_tokenizer_end_to_end(embedded, tokenizer):
+    ds = calibration_dataset(tokenizer, embedded["cold"]["calibration"], num_samples=4, seq_len=256)
     assert [len(r) for r in ds["input_ids"]] == [256] * 4
-    windows = eval_windows(smollm2_tokenizer, embedded["cold"]["evaluation"], seq_len=512)
+    windows = eval_windows(tokenizer, embedded["cold"]["evaluation"], seq_len=512)
     assert windows.shape[0] > 50

@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from svdllm_plugin import data
 from svdllm_plugin import lm_eval as harness
@@ -27,17 +27,6 @@ METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 def _refuse_network(self, address):
     raise AssertionError(f"a test tried to connect to {address}; the offline task must not")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from svdllm_plugin.models import resolve_model_path
-
-    try:  # resolved against the user's cache, before any test points SVDLLM_CACHE elsewhere
-        folder = resolve_model_path("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(f"SmolLM2 tokenizer not available: {e}")
-    return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

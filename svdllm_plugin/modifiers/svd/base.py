@@ -18,6 +18,7 @@ statistics, ASVD's sensitivity); rank allocation in ``allocation.py``; math in `
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Literal
 
@@ -460,8 +461,6 @@ class SVDLLMModifier(Modifier):
 
 
 def _matches(name: str, pattern: str) -> bool:
-    import re
-
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern)

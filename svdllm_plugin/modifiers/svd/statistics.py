@@ -29,7 +29,7 @@ class InputStatistics:
         return cls(torch.zeros(n, n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros))
 
     def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
-        """Accumulate only what the method reads: X X^T costs about as much as the layer."""
+        """Accumulate only what the method reads: X X^T costs n/m times the layer's own matmul."""
         X = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, n)
         if "H" in want:
             self.H += (X.T @ X).to(torch.float64)
