@@ -65,6 +65,18 @@ def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0
 
 
 @pytest.fixture(scope="session")
+def tiny_factory(tokenizer):
+    """``tiny_factory(hidden=64, layers=2, seed=0, **config_overrides)``: a tiny Llama (GQA,
+    4 heads / 2 KV heads) with the SmolLM2 tokenizer's vocabulary. The one model factory of
+    the suite: new tests build their models with it."""
+
+    def make(hidden: int = 64, layers: int = 2, seed: int = 0, **overrides):
+        return tiny_llama(len(tokenizer), hidden=hidden, layers=layers, seed=seed, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny Llama (GQA: 4 heads, 2 KV heads) with the SmolLM2 tokenizer."""
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
