@@ -131,7 +131,7 @@ def _generate(args) -> None:
         raise ValueError(f"--max-new-tokens must be a positive integer; got {args.max_new_tokens}")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.bnb:
-        from svdllm_plugin.quantized import to_bitsandbytes
+        from svdllm_plugin.export.bitsandbytes import to_bitsandbytes
 
         model = to_bitsandbytes(model, args.bnb)
     model.to(args.device or default_device())

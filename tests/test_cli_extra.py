@@ -66,7 +66,7 @@ def test_generate_is_greedy_chat(request, capsys, folder):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_generate_with_bitsandbytes(svd_folder, capsys, monkeypatch, mode):
     pytest.importorskip("bitsandbytes")
-    from svdllm_plugin import quantized
+    from svdllm_plugin.export import bitsandbytes as quantized
 
     converted = []
     original = quantized.to_bitsandbytes
@@ -98,7 +98,8 @@ def test_generate_rejects_bad_arguments(svd_folder, tmp_path, capsys):
 
 def test_export_gptq(w4_folder, tmp_path, capsys):
     from svdllm_plugin.export import unpack_gptq_integers, unpack_gptq_linear
-    from svdllm_plugin.quantized import read_quantized_weights, read_safetensors
+    from svdllm_plugin.checkpoint import read_safetensors
+    from svdllm_plugin.export import read_quantized_weights
 
     out = tmp_path / "gptq"
     assert main(["export-gptq", str(w4_folder), "--output", str(out)]) == 0

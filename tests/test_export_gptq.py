@@ -1,7 +1,7 @@
 """auto-gptq layout export: packing checked against auto-gptq's own loop, and a model round trip.
 
 The model test runs one oneshot (4-bit symmetric, group 64, every Linear but lm_head) on the
-tiny factorized Llama of test_quantized, exports it, and unpacks every Linear again.
+tiny factorized Llama of test_quantized (conftest's tiny_factory, hidden 128), exports it, and unpacks every Linear again.
 """
 
 import json
@@ -9,10 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_quantized import calibration_set, factorize, tiny_llama, tiny_tokenizer
+from test_quantized import factor_model
 
-from svdllm_plugin.export import export_gptq, pack_gptq_linear, unpack_gptq_integers, unpack_gptq_linear
-from svdllm_plugin.quantized import QuantizedWeight, quantized_weights, read_safetensors
+from svdllm_plugin.checkpoint import read_safetensors
+from svdllm_plugin.export import (
+    QuantizedWeight, export_gptq, pack_gptq_linear, quantized_weights, unpack_gptq_integers, unpack_gptq_linear,
+)
 
 
 def auto_gptq_pack_qweight(intweight: np.ndarray, bits: int) -> np.ndarray:
@@ -104,17 +106,15 @@ def test_pack_rejects_dims_that_are_not_multiples_of_32():
 
 
 @pytest.fixture(scope="module")
-def quantized_model(tmp_path_factory):
-    from llmcompressor import oneshot
+def quantized_model(tmp_path_factory, tiny_factory, tokenizer, calib):
+    from conftest import run_oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    model = factorize(tiny_llama(tmp_path_factory.mktemp("dense")))
+    model = factor_model(tiny_factory, tokenizer, tmp_path_factory.mktemp("dense"))
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
                           ignore=["re:.*lm_head"])
-    oneshot(model=model, processor=tiny_tokenizer(), dataset=calibration_set(), recipe=recipe,
-            num_calibration_samples=16, max_seq_length=32)
-    return model
+    return run_oneshot(model, calib, recipe)
 
 
 def test_export_round_trip(quantized_model, tmp_path):
@@ -162,13 +162,13 @@ def test_export_refuses_mixed_schemes(quantized_model, tmp_path):
 
 
 def test_integers_read_the_same_from_a_compressed_model(quantized_model, tmp_path):
-    """save_quantized leaves the model compressed until its next forward; export must still work."""
+    """A packed save leaves the model compressed until its next forward; export must still work."""
     from compressed_tensors.quantization import QuantizationStatus
 
-    from svdllm_plugin.quantized import save_quantized
+    from svdllm_plugin.checkpoint import save_pretrained
 
     before = quantized_weights(quantized_model)
-    save_quantized(quantized_model, tmp_path / "ct")
+    save_pretrained(quantized_model, tmp_path / "ct")
     assert quantized_model.model.layers[0].mlp.gate_proj.quantization_status == QuantizationStatus.COMPRESSED
     after = quantized_weights(quantized_model)
     for name, qw in before.items():

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from svdllm_plugin.layers import SVDLinear, replace_module
+from factor_helpers import factorize, max_distinct_per_group, saved_and_reloaded
+
+from svdllm_plugin.layers import SVDLinear
 
 FACTORIZED = ("q_proj", "o_proj", "up_proj", "down_proj")
 RANK = 64  # a multiple of the group size, so svd_u's input splits into whole groups
@@ -21,41 +23,6 @@ GROUPS = {  # name regex -> (bits, symmetric)
     "re:.*(gate|up)_proj.*": (2, True),
     "re:.*down_proj.*": (3, False),
 }
-
-
-def tiny_llama(folder):
-    """A tied-embedding Llama saved to ``folder`` (oneshot re-reads its config from there)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return LlamaForCausalLM.from_pretrained(folder).eval()
-
-
-def tiny_tokenizer():
-    """A 256-token word-level tokenizer: oneshot insists on a processor, no hub is reachable."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(256)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", eos_token="t1")
-
-
-def factorize(model, rank=RANK):
-    """Plain truncated SVD of the FACTORIZED Linears (the quantization path is under test)."""
-    for name, module in list(model.named_modules()):
-        if name.endswith(FACTORIZED) and isinstance(module, nn.Linear):
-            U, S, Vh = torch.linalg.svd(module.weight.data, full_matrices=False)
-            layer = SVDLinear.from_linear(module, rank)
-            layer.set_factors(U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank])
-            layer.activate()
-            replace_module(model, name, layer)
-    return model
 
 
 def gptq_recipe():
@@ -73,13 +40,6 @@ def gptq_recipe():
     return GPTQModifier(config_groups=groups, ignore=["re:.*lm_head"])
 
 
-def calibration_set(n=16, length=32):
-    from datasets import Dataset
-
-    ids = torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(1))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-
-
 def bits_of(name):
     import re
 
@@ -91,19 +51,23 @@ def probe():
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
+def factor_model(tiny_factory, tokenizer, folder):
+    """The hidden-128 tiny Llama, saved to ``folder`` and reloaded, with FACTORIZED as SVDLinear."""
+    return factorize(saved_and_reloaded(tiny_factory(hidden=128), folder, tokenizer), RANK, FACTORIZED)
+
+
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, probe):
+def quantized(tmp_path_factory, probe, tiny_factory, tokenizer, calib):
     """(model right after oneshot, its logits on ``probe``, saved pack-quantized folder)."""
-    from llmcompressor import oneshot
+    from conftest import run_oneshot
 
-    from svdllm_plugin.quantized import save_quantized
+    from svdllm_plugin.checkpoint import save_pretrained
 
-    model = factorize(tiny_llama(tmp_path_factory.mktemp("dense")))
-    oneshot(model=model, processor=tiny_tokenizer(), dataset=calibration_set(), recipe=gptq_recipe(),
-            num_calibration_samples=16, max_seq_length=32)
+    model = factor_model(tiny_factory, tokenizer, tmp_path_factory.mktemp("dense"))
+    run_oneshot(model, calib, gptq_recipe())
     with torch.no_grad():
         logits = model(probe).logits
-    folder = save_quantized(model, tmp_path_factory.mktemp("q") / "ckpt")
+    folder = save_pretrained(model, tmp_path_factory.mktemp("q") / "ckpt")
     return model, logits, folder
 
 
@@ -124,11 +88,12 @@ def test_in_memory_model_computes_with_on_grid_weights(quantized, probe):
 
 
 def test_checkpoint_layout(quantized):
-    from svdllm_plugin.quantized import read_safetensors
+    from svdllm_plugin.checkpoint import read_safetensors
 
     model, _, folder = quantized
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
+    assert config["svdllm"]["format"] == "packed" and config["svdllm"]["base_model_type"] == "llama"
     assert config["svdllm"]["ranks"]["model.layers.0.self_attn.q_proj"] == RANK
     state = read_safetensors(folder)
     prefix = "model.layers.0.self_attn.q_proj.svd_u."
@@ -143,8 +108,7 @@ def test_checkpoint_layout(quantized):
 
 
 def test_reload_gives_identical_logits(quantized, probe, tmp_path):
-    from svdllm_plugin.checkpoint import load_pretrained
-    from svdllm_plugin.quantized import save_quantized
+    from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
 
     model, logits, folder = quantized
     with torch.no_grad():  # saving compressed the in-memory model; the next forward decompresses it
@@ -153,13 +117,13 @@ def test_reload_gives_identical_logits(quantized, probe, tmp_path):
     assert isinstance(reloaded.model.layers[1].mlp.down_proj, SVDLinear)
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, logits)
-    again = load_pretrained(save_quantized(reloaded, tmp_path / "again"))  # a reloaded model re-saves
+    again = load_pretrained(save_pretrained(reloaded, tmp_path / "again"))  # a reloaded model re-saves
     with torch.no_grad():
         assert torch.equal(again(probe).logits, logits)
 
 
 def test_saved_integers_fit_their_bits(quantized):
-    from svdllm_plugin.quantized import max_distinct_per_group, quantized_weights, read_quantized_weights
+    from svdllm_plugin.export import quantized_weights, read_quantized_weights
 
     model, _, folder = quantized
     saved, in_memory = read_quantized_weights(folder), quantized_weights(model)
@@ -177,34 +141,28 @@ def test_saved_integers_fit_their_bits(quantized):
     assert {qw.bits for qw in saved.values()} == {2, 3, 4, 8}
 
 
-def test_reload_rejects_wrong_ranks(quantized):
-    from transformers import AutoConfig
+def test_reload_rejects_wrong_ranks(quantized, tmp_path):
+    import shutil
 
-    from svdllm_plugin.quantized import load_quantized
+    from svdllm_plugin.checkpoint import load_pretrained
 
     _, _, folder = quantized
-    config = AutoConfig.from_pretrained(folder)
-    ranks = dict(config.svdllm["ranks"], **{"model.layers.0.self_attn.q_proj": 128})
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["svdllm"]["ranks"]["model.layers.0.self_attn.q_proj"] = 128
+    (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rebuild the SVDLinear structure"):
-        load_quantized(folder, config, ranks)
-
-
-def test_save_refuses_unquantized_model(tmp_path):
-    from svdllm_plugin.quantized import save_quantized
-
-    with pytest.raises(ValueError, match="run oneshot with a GPTQModifier"):
-        save_quantized(nn.Sequential(nn.Linear(4, 4)), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        load_pretrained(broken)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_bitsandbytes_on_factorized_checkpoint(tmp_path, probe, mode):
+def test_bitsandbytes_on_factorized_checkpoint(tmp_path, probe, mode, tiny_factory, tokenizer):
     """A dense-factor checkpoint reloads, converts to bitsandbytes and generates on CPU."""
     bnb = pytest.importorskip("bitsandbytes")
     from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
-    from svdllm_plugin.quantized import to_bitsandbytes
+    from svdllm_plugin.export import to_bitsandbytes
 
-    model = factorize(tiny_llama(tmp_path / "dense"))
+    model = factor_model(tiny_factory, tokenizer, tmp_path / "dense")
     save_pretrained(model, tmp_path / "factors")
     with torch.no_grad():
         dense_logits = model(probe).logits

@@ -167,7 +167,9 @@ def test_lm_head_and_embeddings_untouched(compressed):
 
 
 def test_quantized_factors_fit_their_bits(compressed):
-    from svdllm_plugin.quantized import max_distinct_per_group, read_quantized_weights
+    from factor_helpers import max_distinct_per_group
+
+    from svdllm_plugin.export import read_quantized_weights
 
     gptq = compressed.modifiers.get("GPTQModifier")
     if gptq is None:

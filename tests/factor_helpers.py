@@ -1,0 +1,38 @@
+"""Test-only helpers for factorized and quantized models (not part of the package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from svdllm_plugin.layers import SVDLinear, replace_module
+
+
+def max_distinct_per_group(W: torch.Tensor, group_size: int) -> int:
+    """Largest number of distinct values in any group of ``group_size`` consecutive columns."""
+    groups = W.reshape(-1, group_size).sort(dim=1).values  # (m * n / g, g)
+    return int(((groups[:, 1:] != groups[:, :-1]).sum(dim=1) + 1).max())
+
+
+def factorize(model: nn.Module, rank: int, targets: tuple[str, ...]) -> nn.Module:
+    """Plain truncated SVD of the Linears whose names end with ``targets`` (no calibration)."""
+    for name, module in list(model.named_modules()):
+        if name.endswith(targets) and isinstance(module, nn.Linear):
+            U, S, Vh = torch.linalg.svd(module.weight.data, full_matrices=False)
+            layer = SVDLinear.from_linear(module, rank)
+            layer.set_factors(U[:, :rank] * S[:rank].sqrt(), S[:rank].sqrt()[:, None] * Vh[:rank])
+            layer.activate()
+            replace_module(model, name, layer)
+    return model
+
+
+def saved_and_reloaded(model: nn.Module, folder: Path, tokenizer) -> nn.Module:
+    """``model`` saved with ``tokenizer`` to ``folder`` and loaded back (oneshot re-reads the
+    config and processor from ``config.name_or_path``)."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()

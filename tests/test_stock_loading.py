@@ -1,0 +1,149 @@
+"""Compressed folders load with stock transformers, in a process that cannot import svdllm_plugin.
+
+Two folders of the hidden-256 tiny Llama (GQA: 4 heads / 2 KV heads): dense float factors (plain
+truncated SVD, rank 64) and GPTQ W4 packed factors (recipes/svd_w4.yaml through oneshot). One
+subprocess, with a fake ``svdllm_plugin`` package that raises ImportError first on its path, loads
+both with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, computes logits,
+generates through ``pipeline("text-generation")`` and tries the error cases; this process
+compares with the plugin's own loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from factor_helpers import factorize, saved_and_reloaded
+
+from svdllm_plugin.checkpoint import load_pretrained, read_safetensors, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France is"
+NEW_TOKENS = 6
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MISSING = "model.layers.0.self_attn.q_proj.svd_u.weight"
+
+STOCK_SCRIPT = r'''
+import json, sys
+import torch
+try:
+    import svdllm_plugin  # noqa: F401
+    blocked = False
+except ImportError:
+    blocked = True
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+work = sys.argv[1]
+out = {"blocked": blocked}
+probe = torch.load(f"{work}/probe.pt")
+for name in ("dense", "w4"):
+    folder = f"{work}/{name}"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        torch.save(model(probe).logits, f"{work}/{name}-stock.pt")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), do_sample=False, return_full_text=False)
+    out[name] = {"class": type(model).__name__, "q_proj": sorted(n for n, _ in q_proj.named_children()),
+                 "text": text[0]["generated_text"]}
+for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True})):
+    folder = f"{work}/{'dense' if case == 'no_trust' else 'missing'}"
+    try:
+        AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        out[case] = None
+    except Exception as error:
+        out[case] = f"{type(error).__name__}: {error}"
+print("\nRESULT " + json.dumps(out))  # the refused prompt leaves no newline
+'''
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
+    """dense/ and w4/ compressed folders, missing/ (dense without one tensor), probe.pt."""
+    from conftest import run_oneshot
+
+    work = tmp_path_factory.mktemp("stock")
+    source = work / "source"
+    saved_and_reloaded(tiny_factory(hidden=256), source, tokenizer)
+    dense = factorize(load_pretrained(source), 64, ALL_PROJ)
+    save_pretrained(dense, work / "dense", tokenizer)
+    w4 = run_oneshot(load_pretrained(source), calib, str(REPO / "recipes" / "svd_w4.yaml"))
+    save_pretrained(w4, work / "w4", tokenizer)
+
+    shutil.copytree(work / "dense", work / "missing")
+    from safetensors.torch import save_file
+
+    state = read_safetensors(work / "missing")
+    del state[MISSING]
+    save_file(state, work / "missing" / "model.safetensors", metadata={"format": "pt"})
+    torch.save(torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(5)),
+               work / "probe.pt")
+    return work
+
+
+@pytest.fixture(scope="module")
+def stock(work) -> dict:
+    """What the blocked subprocess saw (its logits are in ``<name>-stock.pt``)."""
+    blocker = work / "blocker" / "svdllm_plugin"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('svdllm_plugin is blocked in this process')\n")
+    (work / "stock.py").write_text(STOCK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(blocker.parent), HF_MODULES_CACHE=str(work / "hf_modules"),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(work / "stock.py"), str(work), PROMPT, str(NEW_TOKENS)],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_subprocess_cannot_import_the_plugin(stock):
+    assert stock["blocked"]
+
+
+@pytest.mark.parametrize("name", ["dense", "w4"])
+def test_stock_logits_equal_the_plugin_loader(work, stock, name):
+    plugin = load_pretrained(work / name)
+    with torch.no_grad():
+        expected = plugin(torch.load(work / "probe.pt")).logits
+    assert stock[name]["class"] == "SVDLLMForCausalLM"
+    assert stock[name]["q_proj"] == ["svd_u", "svd_v"]
+    assert torch.equal(torch.load(work / f"{name}-stock.pt"), expected)
+
+
+@pytest.mark.parametrize("name", ["dense", "w4"])
+def test_pipeline_generates_what_the_plugin_model_generates(work, stock, tokenizer, name):
+    plugin = load_pretrained(work / name)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = plugin.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert stock[name]["text"] == expected
+
+
+def test_folder_without_the_modeling_code_trust_is_refused(stock):
+    assert "trust_remote_code" in stock["no_trust"]  # not loaded into a dense Llama with random weights
+
+
+def test_missing_tensor_is_an_error_naming_it(work, stock):
+    assert stock["missing"].startswith("ValueError") and MISSING in stock["missing"]
+    with pytest.raises(ValueError, match="missing"):
+        load_pretrained(work / "missing")
+
+
+def test_folder_layout(work):
+    config = json.loads((work / "w4" / "config.json").read_text())
+    assert config["model_type"] == "svdllm" and config["architectures"] == ["SVDLLMForCausalLM"]
+    assert config["auto_map"]["AutoModel"] == "modeling_svdllm.SVDLLMModel"  # what vLLM's backend reads
+    assert config["svdllm"]["base_model_type"] == "llama" and config["svdllm"]["format"] == "packed"
+    files = {p.name for p in (work / "w4").iterdir()}
+    assert {"modeling_svdllm.py", "svdllm_runtime.py", "README.md", "recipe.yaml", "tokenizer.json"} <= files
+    modeling = (work / "w4" / "modeling_svdllm.py").read_text()
+    assert "import svdllm_plugin" not in modeling and "from svdllm_plugin" not in modeling
