@@ -97,9 +97,8 @@ def test_generate_rejects_bad_arguments(svd_folder, tmp_path, capsys):
 
 
 def test_export_gptq(w4_folder, tmp_path, capsys):
-    from svdllm_plugin.export import unpack_gptq_integers, unpack_gptq_linear
     from svdllm_plugin.checkpoint import read_safetensors
-    from svdllm_plugin.export import read_quantized_weights
+    from svdllm_plugin.export import read_quantized_weights, unpack_gptq_integers, unpack_gptq_linear
 
     out = tmp_path / "gptq"
     assert main(["export-gptq", str(w4_folder), "--output", str(out)]) == 0

@@ -1,7 +1,8 @@
 """auto-gptq layout export: packing checked against auto-gptq's own loop, and a model round trip.
 
 The model test runs one oneshot (4-bit symmetric, group 64, every Linear but lm_head) on the
-tiny factorized Llama of test_quantized (conftest's tiny_factory, hidden 128), exports it, and unpacks every Linear again.
+tiny factorized Llama of test_quantized (conftest's tiny_factory, hidden 128), exports it, and
+unpacks every Linear again.
 """
 
 import json
@@ -13,7 +14,12 @@ from test_quantized import factor_model
 
 from svdllm_plugin.checkpoint import read_safetensors
 from svdllm_plugin.export import (
-    QuantizedWeight, export_gptq, pack_gptq_linear, quantized_weights, unpack_gptq_integers, unpack_gptq_linear,
+    QuantizedWeight,
+    export_gptq,
+    pack_gptq_linear,
+    quantized_weights,
+    unpack_gptq_integers,
+    unpack_gptq_linear,
 )
 
 

@@ -9,9 +9,8 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
 from factor_helpers import factorize, max_distinct_per_group, saved_and_reloaded
+from torch import nn
 
 from svdllm_plugin.layers import SVDLinear
 

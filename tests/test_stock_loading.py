@@ -29,7 +29,7 @@ NEW_TOKENS = 6
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MISSING = "model.layers.0.self_attn.q_proj.svd_u.weight"
 
-STOCK_SCRIPT = r'''
+STOCK_SCRIPT = r"""
 import json, sys
 import torch
 try:
@@ -61,7 +61,7 @@ for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True}))
     except Exception as error:
         out[case] = f"{type(error).__name__}: {error}"
 print("\nRESULT " + json.dumps(out))  # the refused prompt leaves no newline
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,10 @@ def work(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
     state = read_safetensors(work / "missing")
     del state[MISSING]
     save_file(state, work / "missing" / "model.safetensors", metadata={"format": "pt"})
-    torch.save(torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(5)),
-               work / "probe.pt")
+    torch.save(
+        torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(5)),
+        work / "probe.pt",
+    )
     return work
 
 
@@ -95,10 +97,22 @@ def stock(work) -> dict:
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('svdllm_plugin is blocked in this process')\n")
     (work / "stock.py").write_text(STOCK_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(blocker.parent), HF_MODULES_CACHE=str(work / "hf_modules"),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(work / "stock.py"), str(work), PROMPT, str(NEW_TOKENS)],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(blocker.parent),
+        HF_MODULES_CACHE=str(work / "hf_modules"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    run = subprocess.run(
+        [sys.executable, str(work / "stock.py"), str(work), PROMPT, str(NEW_TOKENS)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -123,8 +137,10 @@ def test_pipeline_generates_what_the_plugin_model_generates(work, stock, tokeniz
     plugin = load_pretrained(work / name)
     ids = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
-        out = plugin.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = plugin.generate(
+            **ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert stock[name]["text"] == expected
 
 

@@ -15,6 +15,10 @@ from svdllm_plugin.checkpoint.format import CONFIG_KEY, read_safetensors
 from svdllm_plugin.checkpoint.pretrained import factorize_structure, load_pretrained, save_pretrained
 
 __all__ = [
-    "CONFIG_KEY", "save_pretrained", "load_pretrained", "factorize_structure", "read_safetensors",
+    "CONFIG_KEY",
+    "save_pretrained",
+    "load_pretrained",
+    "factorize_structure",
+    "read_safetensors",
     "write_model_card",
 ]

@@ -47,10 +47,15 @@ def write_model_card(folder, record: dict, base_model: str = "unknown", params: 
         "",
         f"# {Path(base_model).name or base_model}, compressed with SVD-LLM",
         "",
-        f"Written by svdllm-plugin {record.get('version', '?')}: {len(ranks)} Linear layers of `{base_model}` "
+        f"Written by svdllm-plugin {record.get('version', '?')}: {len(ranks)} Linear layers of "
+        f"`{base_model}` "
         "are replaced by two low-rank factors (`svd_v`: rank x in, `svd_u`: out x rank; truncation-aware "
-        "whitening SVD)" + (", stored as packed integers (compressed-tensors pack-quantized)." if packed
-                            else ", stored as float tensors."),
+        "whitening SVD)"
+        + (
+            ", stored as packed integers (compressed-tensors pack-quantized)."
+            if packed
+            else ", stored as float tensors."
+        ),
         "",
         "## Size",
         "",
@@ -60,22 +65,36 @@ def write_model_card(folder, record: dict, base_model: str = "unknown", params: 
     if params.get("params_before"):
         lines.append(f"| parameters | {params['params_before']:,} | {params['params_after']:,} |")
     if params.get("bytes_before"):
-        lines.append(f"| weight bytes | {params['bytes_before']:,} (dense, in memory) | {bytes_after:,} (safetensors) |")
+        lines.append(
+            f"| weight bytes | {params['bytes_before']:,} (dense, in memory) "
+            f"| {bytes_after:,} (safetensors) |"
+        )
     if record.get("ppl_before") is not None or record.get("ppl_after") is not None:
-        lines.append(f"| held-out perplexity (measured by the run) | {_num(record.get('ppl_before'))} | "
-                     f"{_num(record.get('ppl_after'))} |")
+        lines.append(
+            f"| held-out perplexity (measured by the run) | {_num(record.get('ppl_before'))} | "
+            f"{_num(record.get('ppl_after'))} |"
+        )
     lines += ["", "## Ranks", "", *_ranks_table(ranks), ""]
     lines += [
-        "## Recipe", "",
-        "The llm-compressor recipe is in `recipe.yaml`." if (folder / "recipe.yaml").exists()
+        "## Recipe",
+        "",
+        "The llm-compressor recipe is in `recipe.yaml`."
+        if (folder / "recipe.yaml").exists()
         else "No recipe was recorded.",
         "",
-        "## Loading", "",
+        "## Loading",
+        "",
         "With transformers alone (the folder's `modeling_svdllm.py` rebuilds the factor structure; "
-        "it imports only torch and transformers" + (", and transformers reads the packed weights with "
-                                                    "`compressed-tensors`" if packed else "") + "):",
-        "", _LOAD_STOCK.format(folder=folder.name), "",
-        "With svdllm-plugin installed:", "", _LOAD_PLUGIN.format(folder=folder.name), "",
+        "it imports only torch and transformers"
+        + (", and transformers reads the packed weights with `compressed-tensors`" if packed else "")
+        + "):",
+        "",
+        _LOAD_STOCK.format(folder=folder.name),
+        "",
+        "With svdllm-plugin installed:",
+        "",
+        _LOAD_PLUGIN.format(folder=folder.name),
+        "",
         "Without `trust_remote_code=True` transformers refuses the folder (`model_type: svdllm`) rather "
         "than load it into the dense architecture.",
         "",

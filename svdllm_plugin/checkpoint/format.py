@@ -30,11 +30,24 @@ from pathlib import Path
 
 import torch
 
+from svdllm_plugin.layers import factorized_ranks
 from svdllm_plugin.version import __version__
 
 __all__ = [
-    "CONFIG_KEY", "MODEL_TYPE", "DENSE", "PACKED", "GPTQ", "MODELING_FILES", "make_record", "read_config", "record_format",
-    "base_config", "write_config", "register_auto_config", "tied_keys", "read_safetensors",
+    "CONFIG_KEY",
+    "MODEL_TYPE",
+    "DENSE",
+    "PACKED",
+    "GPTQ",
+    "MODELING_FILES",
+    "make_record",
+    "read_config",
+    "record_format",
+    "base_config",
+    "write_config",
+    "register_auto_config",
+    "tied_keys",
+    "read_safetensors",
 ]
 
 CONFIG_KEY = "svdllm"
@@ -48,10 +61,11 @@ AUTO_MAP = {
 }
 
 
-def make_record(config, ranks: dict[str, int], fmt: str, extra: dict | None = None) -> dict:
-    """The ``svdllm`` entry of config.json for a model of ``config`` with these factor ranks."""
+def make_record(model, fmt: str, extra: dict | None = None) -> dict:
+    """The ``svdllm`` entry of config.json for ``model`` (its SVDLinear ranks, its architecture)."""
     if fmt not in (DENSE, PACKED, GPTQ):
         raise ValueError(f"format must be {DENSE!r}, {PACKED!r} or {GPTQ!r}; got {fmt!r}")
+    config = model.config
     base_type = config.model_type
     if base_type == MODEL_TYPE:  # a model loaded from a compressed folder keeps its record's base
         base_type = getattr(config, CONFIG_KEY)["base_model_type"]
@@ -60,8 +74,8 @@ def make_record(config, ranks: dict[str, int], fmt: str, extra: dict | None = No
         "version": __version__,
         "format": fmt,
         "base_model_type": base_type,
-        "base_architectures": list(getattr(config, "architectures", None) or []),
-        "ranks": dict(ranks),
+        "base_architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
+        "ranks": factorized_ranks(model),
     }
 
 
@@ -137,7 +151,9 @@ def register_auto_config() -> None:
 def tied_keys(model) -> set[str]:
     """Tensors a checkpoint may omit because they share storage with another (tied embeddings)."""
     text_config = model.config.get_text_config()
-    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False)
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
+        text_config, "tie_word_embeddings", False
+    )
     return {"lm_head.weight"} if tied else set()
 
 

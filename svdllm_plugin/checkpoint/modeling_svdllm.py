@@ -41,8 +41,9 @@ __all__ = ["SVDLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM"]
 class SVDLinear(nn.Module):
     """y = svd_u(svd_v(x)): a Linear (out x in) stored as two factors of rank k."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None,
-                 dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.svd_v = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # (k, n)
@@ -77,7 +78,8 @@ class SVDLLMConfig:
         base_type = record.get("base_model_type")
         if base_type not in CONFIG_MAPPING:
             raise ValueError(
-                f"{pretrained_model_name_or_path}: config.json's {CONFIG_KEY}.base_model_type is {base_type!r}, "
+                f"{pretrained_model_name_or_path}: config.json's {CONFIG_KEY}.base_model_type is "
+                f"{base_type!r}, "
                 f"which this transformers {transformers.__version__} does not know"
             )
         return CONFIG_MAPPING[base_type].from_dict(dict(config_dict, model_type=base_type), **kwargs)
@@ -104,19 +106,25 @@ class _Entry:
     @classmethod
     def model_class(cls, config) -> type:
         base = _base_class(config, cls._names)
-        return _factorized_class(base, cls.__name__, cls._names is MODEL_MAPPING_NAMES) if _ranks(config) else base
+        return (
+            _factorized_class(base, cls.__name__, cls._names is MODEL_MAPPING_NAMES)
+            if _ranks(config)
+            else base
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         if config is None:
-            config_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only")
-                             if k in kwargs}
+            config_kwargs = {
+                k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
+            }
             config = SVDLLMConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         config = SVDLLMConfig.to_base(config)
         model_class = cls.model_class(config)
         if not _ranks(config):  # a plain model (this class stays registered for its config class)
-            return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=config,
-                                               **kwargs)
+            return model_class.from_pretrained(
+                pretrained_model_name_or_path, *model_args, config=config, **kwargs
+            )
         runtime = kwargs.pop(RUNTIME_KEY, None)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = model_class.from_pretrained(
@@ -180,7 +188,9 @@ def _factorized_class(base: type, name: str, base_model: bool) -> type:
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}
             _factorize(self, ranks)
 
-        _CLASSES[key] = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+        _CLASSES[key] = type(
+            name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+        )
     return _CLASSES[key]
 
 
@@ -188,10 +198,18 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, k in ranks.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"config.json names {name} as factorized but the model has {type(linear).__name__}")
+            raise ValueError(
+                f"config.json names {name} as factorized but the model has {type(linear).__name__}"
+            )
         W = linear.weight
-        layer = SVDLinear(linear.in_features, linear.out_features, k, bias=linear.bias is not None,
-                          device=W.device, dtype=W.dtype)
+        layer = SVDLinear(
+            linear.in_features,
+            linear.out_features,
+            k,
+            bias=linear.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
+        )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 

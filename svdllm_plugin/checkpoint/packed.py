@@ -77,7 +77,9 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
         )
     pending = [n for n, m in model.named_modules() if isinstance(m, SVDLinear) and m.pending]
     if pending:
-        raise ValueError(f"SVDLinear {pending[0]} is pending; call .activate() or build it with SVDLinear(...)")
+        raise ValueError(
+            f"SVDLinear {pending[0]} is pending; call .activate() or build it with SVDLinear(...)"
+        )
     qconfig = QuantizationConfig.model_validate(qdict)
     apply_quantization_config(model, qconfig, show_progress=False)
 
@@ -108,7 +110,9 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k not in loaded and k not in tied_keys(model)]
     if missing or unexpected:
-        raise ValueError(f"{folder} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{folder} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     ModelCompressor(quantization_config=qconfig).decompress_model(model)
     if tied_keys(model):
         model.tie_weights()

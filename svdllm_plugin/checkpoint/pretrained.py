@@ -44,7 +44,7 @@ def save_pretrained(
         raise RuntimeError(f"{len(pending)} SVDLinear layers were never calibrated (e.g. {pending[0]})")
     ranks = factorized_ranks(model)
     kind = fmt.PACKED if is_quantized(model) else fmt.DENSE
-    record = fmt.make_record(model.config, ranks, kind, extra)
+    record = fmt.make_record(model, kind, extra)
     params = _parameter_counts(model)
     base_model = base_model or getattr(model.config, "_name_or_path", "") or "unknown"
     with atomic_output_dir(output_dir, overwrite) as tmp:
@@ -97,10 +97,16 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, k in ranks.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"checkpoint names {name} as factorized but the model has {type(linear).__name__}")
+            raise ValueError(
+                f"checkpoint names {name} as factorized but the model has {type(linear).__name__}"
+            )
         W = linear.weight
         layer = SVDLinear(
-            linear.in_features, linear.out_features, k, bias=linear.bias is not None, device=W.device,
+            linear.in_features,
+            linear.out_features,
+            k,
+            bias=linear.bias is not None,
+            device=W.device,
             dtype=W.dtype,
         )
         replace_module(model, name, layer)
@@ -121,11 +127,15 @@ def _parameter_counts(model: nn.Module) -> dict[str, int]:
     unique = {id(p): p for p in model.parameters()}.values()
     after = sum(p.numel() for p in unique)
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
-    before = after + sum(m.in_features * m.out_features - m.rank * (m.in_features + m.out_features)
-                         for m in layers)
+    before = after + sum(
+        m.in_features * m.out_features - m.rank * (m.in_features + m.out_features) for m in layers
+    )
     dense_bytes = sum(p.numel() * p.element_size() for p in unique)
-    dense_bytes += sum((m.in_features * m.out_features - m.rank * (m.in_features + m.out_features))
-                       * m.svd_v.weight.element_size() for m in layers)
+    dense_bytes += sum(
+        (m.in_features * m.out_features - m.rank * (m.in_features + m.out_features))
+        * m.svd_v.weight.element_size()
+        for m in layers
+    )
     return {"params_before": before, "params_after": after, "bytes_before": dense_bytes}
 
 

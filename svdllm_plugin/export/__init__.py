@@ -8,6 +8,12 @@ from svdllm_plugin.export.gptq import export_gptq, pack_gptq_linear, unpack_gptq
 from svdllm_plugin.export.integers import QuantizedWeight, quantized_weights, read_quantized_weights
 
 __all__ = [
-    "export_gptq", "pack_gptq_linear", "unpack_gptq_linear", "unpack_gptq_integers", "to_bitsandbytes",
-    "QuantizedWeight", "quantized_weights", "read_quantized_weights",
+    "export_gptq",
+    "pack_gptq_linear",
+    "unpack_gptq_linear",
+    "unpack_gptq_integers",
+    "to_bitsandbytes",
+    "QuantizedWeight",
+    "quantized_weights",
+    "read_quantized_weights",
 ]

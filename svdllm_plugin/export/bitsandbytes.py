@@ -21,7 +21,8 @@ def to_bitsandbytes(model: nn.Module, mode: str = "nf4", skip: tuple[str, ...] =
     if mode not in ("nf4", "int8"):
         raise ValueError(f"mode must be 'nf4' or 'int8'; got {mode!r}")
     names = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if type(m) is nn.Linear and not any(n == s or n.endswith("." + s) for s in skip)
     ]
     for name in names:
@@ -42,11 +43,21 @@ def _bnb_linear(linear: nn.Linear, mode: str, bnb) -> nn.Module:
     device = W.device
     with torch.device("meta"):  # skip allocating and initialising a weight we replace
         if mode == "nf4":
-            new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias is not None,
-                                    compute_dtype=W.dtype, quant_type="nf4")
+            new = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias is not None,
+                compute_dtype=W.dtype,
+                quant_type="nf4",
+            )
         else:
-            new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias is not None,
-                                      has_fp16_weights=False, threshold=0.0)
+            new = bnb.nn.Linear8bitLt(
+                linear.in_features,
+                linear.out_features,
+                bias is not None,
+                has_fp16_weights=False,
+                threshold=0.0,
+            )
     if mode == "nf4":
         new.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4", module=new)
     else:

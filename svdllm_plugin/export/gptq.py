@@ -37,7 +37,6 @@ from loguru import logger
 from svdllm_plugin.atomic import atomic_output_dir
 from svdllm_plugin.checkpoint.format import CONFIG_KEY, GPTQ, make_record
 from svdllm_plugin.export.integers import QuantizedWeight, quantized_weights
-from svdllm_plugin.layers import factorized_ranks
 
 __all__ = [
     "export_gptq", "pack_gptq_linear", "unpack_gptq_linear", "unpack_gptq_integers", "gptq_quantize_config",
@@ -62,7 +61,8 @@ def export_gptq(
         found = sorted({(qw.bits, qw.group_size, qw.symmetric) for qw in qweights.values()})
         raise ValueError(
             f"auto-gptq's quantize_config.json holds one (bits, group_size, sym) per model; got {found}. "
-            "Quantize every Linear with one scheme, or save compressed-tensors with checkpoint.save_pretrained"
+            "Quantize every Linear with one scheme, or save compressed-tensors with "
+            "checkpoint.save_pretrained"
         )
     bits, sym = schemes.pop()
     quantize_config = gptq_quantize_config(bits, group_size, sym, damp_percent)
@@ -75,7 +75,7 @@ def export_gptq(
 
     config = model.config.to_dict()
     config["quantization_config"] = quantize_config
-    config[CONFIG_KEY] = make_record(model.config, factorized_ranks(model), GPTQ)
+    config[CONFIG_KEY] = make_record(model, GPTQ)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         from safetensors.torch import save_file
 
