@@ -60,6 +60,7 @@ def test_model_card(folder):
     assert "| up_proj | 2 | 16 | 16 | 16 |" in card
     assert "| parameters |" in card and "| weight bytes |" in card
     assert "trust_remote_code=True" in card and "load_pretrained" in card and "recipe.yaml" in card
+    assert 'from_pretrained("ckpt", trust_remote_code=True)' in card  # the folder's name, not the temp one
 
 
 def test_earlier_layout_still_loads(folder, tmp_path, probe):

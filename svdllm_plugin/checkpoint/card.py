@@ -13,7 +13,7 @@ _LOAD_STOCK = """\
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 model = AutoModelForCausalLM.from_pretrained("{folder}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{folder}")
+tokenizer = AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)
 generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
 print(generate("The capital of France is", max_new_tokens=20)[0]["generated_text"])
 ```"""
@@ -26,12 +26,15 @@ model = load_pretrained("{folder}")
 ```"""
 
 
-def write_model_card(folder, record: dict, base_model: str = "unknown", params: dict | None = None) -> Path:
+def write_model_card(
+    folder, record: dict, base_model: str = "unknown", params: dict | None = None, name: str | None = None
+) -> Path:
     """Write ``folder``/README.md from the ``svdllm`` record of its config.json.
 
     ``params`` may hold ``params_before`` / ``params_after`` / ``bytes_before``; the bytes after
     are the safetensors files in ``folder``. Perplexities come from the record's ``ppl_before`` /
-    ``ppl_after`` (what the compression run measured), shown only when present.
+    ``ppl_after`` (what the compression run measured), shown only when present. ``name`` is the
+    folder name the loading examples use (default: ``folder``'s own; differs while writing atomically).
     """
     folder = Path(folder)
     params = params or {}
@@ -89,11 +92,11 @@ def write_model_card(folder, record: dict, base_model: str = "unknown", params: 
         + (", and transformers reads the packed weights with `compressed-tensors`" if packed else "")
         + "):",
         "",
-        _LOAD_STOCK.format(folder=folder.name),
+        _LOAD_STOCK.format(folder=name or folder.name),
         "",
         "With svdllm-plugin installed:",
         "",
-        _LOAD_PLUGIN.format(folder=folder.name),
+        _LOAD_PLUGIN.format(folder=name or folder.name),
         "",
         "Without `trust_remote_code=True` transformers refuses the folder (`model_type: svdllm`) rather "
         "than load it into the dense architecture.",

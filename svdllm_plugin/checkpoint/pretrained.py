@@ -56,7 +56,7 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_recipe(tmp, recipe)
-        write_model_card(tmp, record, base_model=base_model, params=params)
+        write_model_card(tmp, record, base_model=base_model, params=params, name=Path(output_dir).name)
     logger.info("Saved {} factorized modules ({}) to {}", len(ranks), kind, output_dir)
     return Path(output_dir)
 
