@@ -129,10 +129,11 @@ def test_no_import_cycle_and_standalone_modeling_files():
 
 def test_stock_loading_in_a_plugin_process(folder, probe, tmp_path):
     """With the plugin imported (its AutoConfig carrier registered by load_pretrained), the stock
-    path still loads the same model, the tokenizer asks nothing, and the runtime kwarg reaches the hook."""
+    path still loads the same model (AutoModel too: the base model, factorized), the tokenizer asks
+    nothing, and the runtime kwarg reaches the hook."""
     script = f"""
 import builtins, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from svdllm_plugin.checkpoint import load_pretrained
 
 def no_prompt(*args):
@@ -145,6 +146,10 @@ AutoTokenizer.from_pretrained(folder)
 stock = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 with torch.no_grad():
     assert torch.equal(stock(probe).logits, plugin(probe).logits)
+base = AutoModel.from_pretrained(folder, trust_remote_code=True)  # what vLLM's Transformers backend builds
+assert type(base).__name__ == "SVDLLMModel" and hasattr(base.layers[0].self_attn.q_proj, "svd_u")
+with torch.no_grad():
+    assert torch.equal(base(probe).last_hidden_state, plugin.model(probe).last_hidden_state)
 try:
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, svdllm_runtime={{"bogus": 1}})
 except ValueError as error:
