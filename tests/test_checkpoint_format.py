@@ -133,7 +133,7 @@ def test_stock_loading_in_a_plugin_process(folder, probe, tmp_path):
     nothing, and the runtime kwarg reaches the hook."""
     script = f"""
 import builtins, torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from svdllm_plugin.checkpoint import load_pretrained
 
 def no_prompt(*args):
@@ -150,6 +150,10 @@ base = AutoModel.from_pretrained(folder, trust_remote_code=True)  # what vLLM's 
 assert type(base).__name__ == "SVDLLMModel" and hasattr(base.layers[0].self_attn.q_proj, "svd_u")
 with torch.no_grad():
     assert torch.equal(base(probe).last_hidden_state, plugin.model(probe).last_hidden_state)
+# transformers now maps LlamaConfig to our entry class in this process: plain models stay plain
+plain = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
+                                                              num_hidden_layers=1, num_attention_heads=2))
+assert type(plain).__name__ == "LlamaForCausalLM", type(plain)
 try:
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, svdllm_runtime={{"bogus": 1}})
 except ValueError as error:

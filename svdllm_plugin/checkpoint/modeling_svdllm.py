@@ -79,8 +79,7 @@ class SVDLLMConfig:
         if base_type not in CONFIG_MAPPING:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: config.json's {CONFIG_KEY}.base_model_type is "
-                f"{base_type!r}, "
-                f"which this transformers {transformers.__version__} does not know"
+                f"{base_type!r}, which this transformers {transformers.__version__} does not know"
             )
         return CONFIG_MAPPING[base_type].from_dict(dict(config_dict, model_type=base_type), **kwargs)
 
