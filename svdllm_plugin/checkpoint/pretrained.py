@@ -123,8 +123,13 @@ def _load_dense_weights(model: nn.Module, folder: Path) -> None:
 
 
 def _parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters now, and of the dense model the factors replace (each SVDLinear counted as m x n)."""
-    unique = {id(p): p for p in model.parameters()}.values()
+    """Parameters now, and of the dense model the factors replace (each SVDLinear counted as m x n).
+
+    Weights and biases only: quantization adds ``weight_scale`` / ``weight_zero_point`` parameters,
+    which are not parameters of the model in the usual sense.
+    """
+    named = {id(p): p for n, p in model.named_parameters() if n.rpartition(".")[2] in ("weight", "bias")}
+    unique = named.values()
     after = sum(p.numel() for p in unique)
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
     before = after + sum(
