@@ -147,7 +147,8 @@ stock = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 with torch.no_grad():
     assert torch.equal(stock(probe).logits, plugin(probe).logits)
 base = AutoModel.from_pretrained(folder, trust_remote_code=True)  # what vLLM's Transformers backend builds
-assert type(base).__name__ == "SVDLLMModel" and hasattr(base.layers[0].self_attn.q_proj, "svd_u")
+assert type(base).__name__ == "LlamaModel" and type(base).__module__.endswith("modeling_svdllm")
+assert hasattr(base.layers[0].self_attn.q_proj, "svd_u")
 with torch.no_grad():
     assert torch.equal(base(probe).last_hidden_state, plugin.model(probe).last_hidden_state)
 # transformers now maps LlamaConfig to our entry class in this process: plain models stay plain

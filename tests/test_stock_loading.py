@@ -51,8 +51,9 @@ for name in ("dense", "w4"):
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
     text = generate(sys.argv[2], max_new_tokens=int(sys.argv[3]), do_sample=False, return_full_text=False)
-    out[name] = {"class": type(model).__name__, "q_proj": sorted(n for n, _ in q_proj.named_children()),
-                 "text": text[0]["generated_text"]}
+    module = type(model).__module__.rpartition(".")[2]
+    out[name] = {"class": f"{module}.{type(model).__name__}", "text": text[0]["generated_text"],
+                 "q_proj": sorted(n for n, _ in q_proj.named_children())}
 for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True})):
     folder = f"{work}/{'dense' if case == 'no_trust' else 'missing'}"
     try:
@@ -127,7 +128,7 @@ def test_stock_logits_equal_the_plugin_loader(work, stock, name):
     plugin = load_pretrained(work / name)
     with torch.no_grad():
         expected = plugin(torch.load(work / "probe.pt")).logits
-    assert stock[name]["class"] == "SVDLLMForCausalLM"
+    assert stock[name]["class"] == "modeling_svdllm.LlamaForCausalLM"  # the folder's subclass
     assert stock[name]["q_proj"] == ["svd_u", "svd_v"]
     assert torch.equal(torch.load(work / f"{name}-stock.pt"), expected)
 

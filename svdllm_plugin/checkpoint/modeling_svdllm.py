@@ -105,11 +105,7 @@ class _Entry:
     @classmethod
     def model_class(cls, config) -> type:
         base = _base_class(config, cls._names)
-        return (
-            _factorized_class(base, cls.__name__, cls._names is MODEL_MAPPING_NAMES)
-            if _ranks(config)
-            else base
-        )
+        return _factorized_class(base, cls._names is MODEL_MAPPING_NAMES) if _ranks(config) else base
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -171,12 +167,13 @@ def _base_class(config, names: dict[str, str]) -> type:
 _CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _factorized_class(base: type, name: str, base_model: bool) -> type:
+def _factorized_class(base: type, base_model: bool) -> type:
     """``base`` whose __init__ swaps the Linears named in ``config.svdllm.ranks`` for SVDLinear.
 
     Ranks are named from the causal LM (``model.layers.0.self_attn.q_proj``); the base model
-    (``base_model=True``) drops its ``base_model_prefix``. The class is called ``name`` (the
-    auto_map entry's name), which is what transformers registers and pipelines look for.
+    (``base_model=True``) drops its ``base_model_prefix``. The subclass keeps the base's name
+    (``LlamaForCausalLM``, defined in this module): it is that model with factorized Linears, and
+    transformers' pipelines check the class name against the architectures they support.
     """
     key = (base, base_model)
     if key not in _CLASSES:
@@ -187,6 +184,7 @@ def _factorized_class(base: type, name: str, base_model: bool) -> type:
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}
             _factorize(self, ranks)
 
+        name = base.__name__
         _CLASSES[key] = type(
             name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name}
         )
