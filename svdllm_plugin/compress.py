@@ -95,17 +95,31 @@ def load_recipe(recipe: str | None):
     Parsing it here instantiates every modifier, so a typo or a bad setting fails at
     once with pydantic's message instead of after the model has loaded.
     """
-    from llmcompressor.recipe import Recipe
-
-    import svdllm_plugin  # noqa: F401  (registers our modifiers with the factory)
-
     if recipe is None:
         text = DEFAULT_RECIPE
     else:
-        path = Path(recipe)
+        path = Path(recipe).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file {recipe} does not exist; pass a YAML recipe path")
-        text = path.read_text()
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"recipe file {recipe} {what}; pass a YAML recipe path")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"recipe file {recipe} is not UTF-8 text ({error}); pass a YAML file") from error
+    import yaml
+
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or error
+        raise ValueError(f"recipe file {recipe}{line}: not valid YAML ({problem}); fix the YAML") from error
+    from llmcompressor.recipe import Recipe
+
+    from svdllm_plugin import register_modifiers
+
+    register_modifiers()
     modifiers = Recipe.create_instance(text).modifiers  # oneshot builds its own instances
     if not modifiers:
         raise ValueError(
@@ -138,6 +152,14 @@ def parameter_counts(model) -> tuple[int, int, int]:
     return before, after, whole
 
 
+def _check_counts(num_samples: int, seq_len: int, eval_windows: int | None) -> None:
+    for value, minimum, option in ((num_samples, 1, "--num-samples"), (seq_len, 2, "--seq-len")):
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+    if eval_windows is not None and (not isinstance(eval_windows, int) or eval_windows < 0):
+        raise ValueError(f"--eval-windows must be an integer >= 0 (0: skip); got {eval_windows!r}")
+
+
 def compress(
     model: str,
     output: str,
@@ -160,17 +182,21 @@ def compress(
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
-    from svdllm_plugin.models import load_model_and_tokenizer, resolve_model_path
+    from svdllm_plugin.models import check_model, load_model_and_tokenizer
 
     start = time.perf_counter()
+    # pre-flight: every cheap check runs before the weights load and calibration starts
     check_output_dir(output, overwrite)
     recipe_text, modifiers = load_recipe(recipe)
-    path = resolve_model_path(model)
+    path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    _check_counts(num_samples, seq_len, eval_windows)
 
     model_obj, tokenizer = load_model_and_tokenizer(path)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
-    windows = make_windows(tokenizer, eval_text, seq_len, eval_windows) if eval_windows else None
+    windows = None
+    if eval_windows:
+        windows = make_windows(tokenizer, eval_text, seq_len, eval_windows, option="--eval-windows")
     report = CompressionReport(model=model, output=str(output))
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
 
