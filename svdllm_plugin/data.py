@@ -180,7 +180,7 @@ def _jsonl_texts(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(
-                    f"{path}, line {lineno}, column {e.colno}: not valid JSON ({e.msg}); "
+                    f"{path}, line {lineno}, column {e.pos + 1}: not valid JSON ({e.msg}); "
                     'each line must be a JSON object like {"text": "..."}'
                 ) from e
             texts.append(_record_text(record, f"{path}, line {lineno}"))

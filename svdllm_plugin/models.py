@@ -148,7 +148,7 @@ def _check_causal_lm(name: str, config: dict) -> None:
     if model_type not in causal or config.get("is_encoder_decoder"):
         raise ValueError(f"{what} is not a decoder-only causal LM; {_SUPPORTED}")
     if architectures and not any(a in causal_classes or a.endswith("ForCausalLM") for a in architectures):
-        raise ValueError(f"{what} is not a causal LM checkpoint; {_SUPPORTED}")
+        raise ValueError(f"{what} is not a decoder-only causal LM (no causal LM architecture); {_SUPPORTED}")
     if model_type not in TESTED_MODEL_TYPES:
         logger.warning("{} is a causal LM that svdllm was not tested on; {}", what, _SUPPORTED)
 
