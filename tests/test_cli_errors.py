@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -57,135 +58,250 @@ def _edit_ranks(folder: Path, name: str = "model.layers.5.self_attn.q_proj", ran
 
 
 BERT = json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32})
-T5 = json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True})
+T5 = json.dumps(
+    {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": 1}
+)
 
 
 # ---------------------------------------------------------------- the table
 
-# (id, argv, expected text of the error line, files to write first, folder edits, before load)
+
+class Case(NamedTuple):
+    id: str
+    argv: list[str]
+    expected: str  # in the error line
+    files: dict = {}  # written under the row's tmp_path first
+    edit: tuple | None = None  # ("tiny" | "svd", change): {model} is a copy of that folder, changed
+    before_load: bool = True  # must fail before any weights load
+
+
+def compress(*args: str, model: str = "{tiny}", output: str = "{out}") -> list[str]:
+    return ["compress", "--model", model, "--output", output, *args, *FAST]
+
+
+def recipe(extra: str = "", ratio: float = 0.2) -> dict:
+    return {"r.yaml": RECIPE.format(ratio=ratio, extra=extra)}
+
+
+R, D = ("--recipe", "{tmp}/r.yaml"), "--dataset"
+LLAMA_ONLY = "tested: Llama-family decoders incl. grouped-query attention"
+
 # placeholders: {tiny} dense tiny Llama folder, {svd} a compressed one, {tmp} the row's tmp_path,
-# {out} = {tmp}/out (must not exist afterwards unless the row created it), {model} = {tmp}/model
-# (a copy of {tiny} or {svd} made by the edit, see EDITS)
+# {out} = {tmp}/out (must not exist afterwards), {model} = {tmp}/model (made by ``edit``)
 CASES = [
     # output
-    ("output-exists", ["compress", "--model", "{tiny}", "--output", "{tmp}/kept", *FAST],
-     "already exists; choose a new --output or pass --overwrite", {"kept/keep.txt": "precious"}, None, True),
-    ("output-parent-is-a-file", ["compress", "--model", "{tiny}", "--output", "{tmp}/file.txt/out", *FAST],
-     "file.txt is a file, not a folder; choose another --output", {"file.txt": "x"}, None, True),
-    ("output-is-a-file-overwrite", ["compress", "--model", "{tiny}", "--output", "{tmp}/file.txt", "--overwrite",
-                                    *FAST],
-     "file.txt is a file, not a folder; choose another --output", {"file.txt": "x"}, None, True),
+    Case(
+        "output-exists",
+        compress(output="{tmp}/kept"),
+        "already exists; choose a new --output or pass --overwrite",
+        {"kept/keep.txt": "precious"},
+    ),
+    Case(
+        "output-parent-is-a-file",
+        compress(output="{tmp}/file.txt/out"),
+        "file.txt is a file, not a folder; choose another --output",
+        {"file.txt": "x"},
+    ),
+    Case(
+        "output-is-a-file",
+        compress("--overwrite", output="{tmp}/file.txt"),
+        "file.txt is a file, not a folder; choose another --output",
+        {"file.txt": "x"},
+    ),
     # recipe
-    ("recipe-missing", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "recipe file {tmp}/r.yaml does not exist; pass a YAML recipe path", {}, None, True),
-    ("recipe-is-a-folder", ["compress", "--model", "{tiny}", "--recipe", "{tmp}", "--output", "{out}", *FAST],
-     "is a folder; pass a YAML recipe path", {}, None, True),
-    ("recipe-bad-yaml", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "r.yaml, line 2: not valid YAML (mapping values are not allowed here); fix the YAML",
-     {"r.yaml": "svd_stage: 1\n  bad: 2\n"}, None, True),
-    ("recipe-binary", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "r.yaml is not UTF-8 text", {"r.yaml": b"\xba\xff\x00"}, None, True),
-    ("recipe-no-stage", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "defines no modifiers: nest them", {"r.yaml": "SVDLLMModifier:\n  ratio: 0.2\n"}, None, True),
-    ("recipe-ratio-1.5", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "must be in (0, 1)", {"r.yaml": RECIPE.format(ratio=1.5, extra="")}, None, True),
-    ("recipe-typo", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "ratoi: Extra inputs are not permitted",
-     {"r.yaml": RECIPE.format(ratio=0.2, extra="      ratoi: 0.3\n")}, None, True),
-    ("recipe-whitening", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}", *FAST],
-     "cholesky", {"r.yaml": RECIPE.format(ratio=0.2, extra="      whitening: qr\n")}, None, True),
+    Case("recipe-missing", compress(*R), "recipe file {tmp}/r.yaml does not exist; pass a YAML recipe path"),
+    Case("recipe-is-a-folder", compress("--recipe", "{tmp}"), "is a folder; pass a YAML recipe path"),
+    Case(
+        "recipe-bad-yaml",
+        compress(*R),
+        "r.yaml, line 2: not valid YAML (mapping values are not allowed here); fix the YAML",
+        {"r.yaml": "svd_stage: 1\n  bad: 2\n"},
+    ),
+    Case("recipe-binary", compress(*R), "r.yaml is not UTF-8 text", {"r.yaml": b"\xba\xff\x00"}),
+    Case(
+        "recipe-no-stage",
+        compress(*R),
+        "defines no modifiers: nest them",
+        {"r.yaml": "SVDLLMModifier:\n  ratio: 0.2\n"},
+    ),
+    Case("recipe-ratio-1.5", compress(*R), "must be in (0, 1)", recipe(ratio=1.5)),
+    Case("recipe-typo", compress(*R), "ratoi: Extra inputs are not permitted", recipe("      ratoi: 0.3\n")),
+    Case("recipe-whitening", compress(*R), "cholesky", recipe("      whitening: qr\n")),
     # dataset
-    ("dataset-missing", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.txt", "--output", "{out}", *FAST],
-     "dataset file '{tmp}/d.txt' does not exist", {}, None, True),
-    ("dataset-folder", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d", "--output", "{out}", *FAST],
-     "dataset {tmp}/d is a folder; give a .txt", {"d/x.txt": "x"}, None, True),
-    ("dataset-empty", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.txt", "--output", "{out}", *FAST],
-     "dataset file {tmp}/d.txt is empty", {"d.txt": "  \n"}, None, True),
-    ("dataset-csv", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.csv", "--output", "{out}", *FAST],
-     "unsupported type '.csv'", {"d.csv": "text\na\n"}, None, True),
-    ("dataset-jsonl-line-3", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.jsonl", "--output", "{out}",
-                              *FAST],
-     "d.jsonl, line 3, column 14: not valid JSON", {"d.jsonl": '{"text": "a"}\n{"text": "b"}\n{"text": "c",]}\n'},
-     None, True),
-    ("dataset-jsonl-no-text", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.jsonl", "--output", "{out}",
-                               *FAST],
-     'd.jsonl, line 1: has no "text" field', {"d.jsonl": '{"body": "a"}\n'}, None, True),
-    ("dataset-json-broken", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.json", "--output", "{out}",
-                             *FAST],
-     "d.json, line 1, column 2: not valid JSON", {"d.json": "[}"}, None, True),
-    ("dataset-binary-txt", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.txt", "--output", "{out}",
-                            *FAST],
-     "dataset file {tmp}/d.txt is not UTF-8 text", {"d.txt": bytes(range(256)) * 8}, None, True),
-    ("dataset-nul-bytes", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.txt", "--output", "{out}",
-                           *FAST],
-     "contains NUL bytes", {"d.txt": "\x00" * 5000}, None, True),
-    ("dataset-too-short", ["compress", "--model", "{tiny}", "--dataset", "{tmp}/d.txt", "--output", "{out}",
-                           *FAST],
-     "fewer than --seq-len + 1", {"d.txt": "just a few words"}, None, False),
+    Case("dataset-missing", compress(D, "{tmp}/d.txt"), "dataset file '{tmp}/d.txt' does not exist"),
+    Case(
+        "dataset-folder", compress(D, "{tmp}/d"), "dataset {tmp}/d is a folder; give a .txt", {"d/x.txt": "x"}
+    ),
+    Case("dataset-empty", compress(D, "{tmp}/d.txt"), "dataset file {tmp}/d.txt is empty", {"d.txt": "  \n"}),
+    Case("dataset-csv", compress(D, "{tmp}/d.csv"), "unsupported type '.csv'", {"d.csv": "text\na\n"}),
+    Case(
+        "dataset-jsonl-line-3",
+        compress(D, "{tmp}/d.jsonl"),
+        "d.jsonl, line 3, column 14: not valid JSON",
+        {"d.jsonl": '{"text": "a"}\n{"text": "b"}\n{"text": "c",]}\n'},
+    ),
+    Case(
+        "dataset-jsonl-no-text",
+        compress(D, "{tmp}/d.jsonl"),
+        'd.jsonl, line 1: has no "text" field',
+        {"d.jsonl": '{"body": "a"}\n'},
+    ),
+    Case(
+        "dataset-json-broken",
+        compress(D, "{tmp}/d.json"),
+        "d.json, line 1, column 2: not valid JSON",
+        {"d.json": "[}"},
+    ),
+    Case(
+        "dataset-binary-txt",
+        compress(D, "{tmp}/d.txt"),
+        "dataset file {tmp}/d.txt is not UTF-8 text",
+        {"d.txt": bytes(range(256)) * 8},
+    ),
+    Case("dataset-nul-bytes", compress(D, "{tmp}/d.txt"), "contains NUL bytes", {"d.txt": "\x00" * 5000}),
+    Case(
+        "dataset-too-short",
+        compress(D, "{tmp}/d.txt"),
+        "fewer than --seq-len + 1",
+        {"d.txt": "just a few words"},
+        before_load=False,
+    ),
     # model
-    ("model-missing", ["compress", "--model", "{tmp}/nope", "--output", "{out}", *FAST],
-     "model path '{tmp}/nope' does not exist", {}, None, True),
-    ("model-no-config", ["compress", "--model", "{tmp}/m", "--output", "{out}", *FAST],
-     "model folder {tmp}/m has no config.json", {"m/x.txt": "x"}, None, True),
-    ("model-is-a-file", ["compress", "--model", "{tmp}/m.bin", "--output", "{out}", *FAST],
-     "is a file; pass an HF model folder", {"m.bin": "x"}, None, True),
-    ("model-config-not-json", ["compress", "--model", "{tmp}/m", "--output", "{out}", *FAST],
-     "config.json is not valid JSON", {"m/config.json": "{oops"}, None, True),
-    ("model-bert", ["compress", "--model", "{tmp}/bert", "--output", "{out}", *FAST],
-     "is not a decoder-only causal LM (no causal LM architecture); svdllm compresses decoder-only causal LMs "
-     "(AutoModelForCausalLM); tested: Llama-family decoders incl. grouped-query attention",
-     {"bert/config.json": BERT}, None, True),
-    ("model-t5", ["compress", "--model", "{tmp}/t5", "--output", "{out}", *FAST],
-     "is not a decoder-only causal LM", {"t5/config.json": T5}, None, True),
-    ("model-truncated", ["compress", "--model", "{model}", "--output", "{out}", *FAST],
-     "checkpoint file {model}/model.safetensors is truncated or corrupted", {}, ("tiny", _truncate), True),
-    ("model-garbled-header", ["compress", "--model", "{model}", "--output", "{out}", *FAST],
-     "{model}/model.safetensors is truncated or corrupted", {}, ("tiny", _garble_header), True),
-    ("hub-id-offline", ["compress", "--model", "no-org/no-model", "--output", "{out}", *FAST],
-     "not in the hub cache, and HF_HUB_OFFLINE is set", {}, None, True),
+    Case("model-missing", compress(model="{tmp}/nope"), "model path '{tmp}/nope' does not exist"),
+    Case(
+        "model-no-config", compress(model="{tmp}/m"), "model folder {tmp}/m has no config.json", {"m/x": "x"}
+    ),
+    Case(
+        "model-is-a-file", compress(model="{tmp}/m.bin"), "is a file; pass an HF model folder", {"m.bin": "x"}
+    ),
+    Case(
+        "model-config-not-json",
+        compress(model="{tmp}/m"),
+        "config.json is not valid JSON",
+        {"m/config.json": "{oops"},
+    ),
+    Case(
+        "model-bert",
+        compress(model="{tmp}/bert"),
+        "is not a decoder-only causal LM",
+        {"bert/config.json": BERT},
+    ),
+    Case("model-bert-says-what-works", compress(model="{tmp}/bert"), LLAMA_ONLY, {"bert/config.json": BERT}),
+    Case("model-t5", compress(model="{tmp}/t5"), "is not a decoder-only causal LM", {"t5/config.json": T5}),
+    Case(
+        "model-truncated",
+        compress(model="{model}"),
+        "checkpoint file {model}/model.safetensors is truncated or corrupted",
+        edit=("tiny", _truncate),
+    ),
+    Case(
+        "model-garbled-header",
+        compress(model="{model}"),
+        "{model}/model.safetensors is truncated or corrupted",
+        edit=("tiny", _garble_header),
+    ),
+    Case(
+        "hub-id-offline", compress(model="no-org/no-model"), "not in the hub cache, and HF_HUB_OFFLINE is set"
+    ),
     # the modifier
-    ("already-factorized", ["compress", "--model", "{svd}", "--output", "{out}", *FAST],
-     "the model is already factorized", {}, None, False),
-    ("rank-multiple-too-large", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}",
-                                 *FAST],
-     "`rank_multiple: 4096` is larger than the ranks these matrices allow",
-     {"r.yaml": RECIPE.format(ratio=0.2, extra="      rank_multiple: 4096\n")}, None, False),
-    ("targets-match-nothing", ["compress", "--model", "{tiny}", "--recipe", "{tmp}/r.yaml", "--output", "{out}",
-                               *FAST],
-     "no Linear modules matching", {"r.yaml": RECIPE.format(ratio=0.2, extra="      targets: ['re:.*no$']\n")},
-     None, False),
+    Case("already-factorized", compress(model="{svd}"), "the model is already factorized", before_load=False),
+    Case(
+        "rank-multiple-too-large",
+        compress(*R),
+        "`rank_multiple: 4096` is larger than the ranks these matrices allow",
+        recipe("      rank_multiple: 4096\n"),
+        before_load=False,
+    ),
+    Case(
+        "targets-match-nothing",
+        compress(*R),
+        "no Linear modules matching",
+        recipe("      targets: ['re:.*no$']\n"),
+        before_load=False,
+    ),
     # eval / generate / export-gptq
-    ("eval-missing", ["eval", "{tmp}/nope"], "does not exist", {}, None, True),
-    ("eval-bert", ["eval", "{tmp}/bert"], "is not a decoder-only causal LM", {"bert/config.json": BERT}, None, True),
-    ("eval-truncated", ["eval", "{model}", "--json"], "{model}/model.safetensors is truncated",
-     {}, ("svd", _truncate), True),
-    ("eval-unknown-ranks", ["eval", "{model}"],
-     "lists 'model.layers.5.self_attn.q_proj' under svdllm.ranks, but the model has no such module",
-     {}, ("svd", _edit_ranks), True),
-    ("eval-bad-rank", ["eval", "{model}"], "must be a positive integer; got 0", {},
-     ("svd", lambda f: _edit_ranks(f, "model.layers.0.self_attn.q_proj", 0)), True),
-    ("eval-binary-dataset", ["eval", "{tiny}", "--dataset", "{tmp}/d.txt"], "d.txt is not UTF-8 text",
-     {"d.txt": b"\xba" * 100}, None, True),
-    ("eval-empty-tasks", ["eval", "{tiny}", "--tasks", ","], "--tasks ',' names no task", {}, None, True),
-    ("generate-missing", ["generate", "{tmp}/nope", "--prompt", "hi"], "does not exist", {}, None, True),
-    ("generate-truncated", ["generate", "{model}", "--prompt", "hi"], "model.safetensors is truncated",
-     {}, ("tiny", _truncate), True),
-    ("export-exists", ["export-gptq", "{svd}", "--output", "{tmp}/kept"], "already exists",
-     {"kept/keep.txt": "x"}, None, True),
-    ("export-unquantized", ["export-gptq", "{svd}", "--output", "{out}"], "no quantized Linears", {}, None, False),
+    Case("eval-missing", ["eval", "{tmp}/nope"], "does not exist"),
+    Case("eval-bert", ["eval", "{tmp}/bert"], "is not a decoder-only causal LM", {"bert/config.json": BERT}),
+    Case(
+        "eval-truncated",
+        ["eval", "{model}", "--json"],
+        "{model}/model.safetensors is truncated",
+        edit=("svd", _truncate),
+    ),
+    Case(
+        "eval-unknown-ranks",
+        ["eval", "{model}"],
+        "lists 'model.layers.5.self_attn.q_proj' under svdllm.ranks, but the model has no such module",
+        edit=("svd", _edit_ranks),
+    ),
+    Case(
+        "eval-bad-rank",
+        ["eval", "{model}"],
+        "must be a positive integer; got 0",
+        edit=("svd", lambda f: _edit_ranks(f, "model.layers.0.self_attn.q_proj", 0)),
+    ),
+    Case(
+        "eval-binary-dataset",
+        ["eval", "{tiny}", D, "{tmp}/d.txt"],
+        "d.txt is not UTF-8 text",
+        {"d.txt": b"\xba" * 100},
+    ),
+    Case("eval-empty-tasks", ["eval", "{tiny}", "--tasks", ","], "--tasks ',' names no task"),
+    Case("generate-missing", ["generate", "{tmp}/nope", "--prompt", "hi"], "does not exist"),
+    Case(
+        "generate-truncated",
+        ["generate", "{model}", "--prompt", "hi"],
+        "model.safetensors is truncated",
+        edit=("tiny", _truncate),
+    ),
+    Case(
+        "export-exists",
+        ["export-gptq", "{svd}", "--output", "{tmp}/kept"],
+        "already exists",
+        {"kept/keep.txt": "x"},
+    ),
+    Case(
+        "export-unquantized",
+        ["export-gptq", "{svd}", "--output", "{out}"],
+        "no quantized Linears",
+        before_load=False,
+    ),
 ]
 
 # argparse errors: exit 2, one line naming the option, before anything is imported
 ARG_CASES = [
-    ("eval-windows-negative", ["compress", "--output", "o", "--eval-windows", "-1"],
-     "argument --eval-windows: must be an integer >= 0 (0: skip); got '-1'"),
-    ("num-samples-zero", ["compress", "--output", "o", "--num-samples", "0"], "argument --num-samples: must be"),
-    ("seq-len-text", ["compress", "--output", "o", "--seq-len", "abc"], "argument --seq-len: must be an integer >= 2"),
+    (
+        "eval-windows-negative",
+        ["compress", "--output", "o", "--eval-windows", "-1"],
+        "argument --eval-windows: must be an integer >= 0 (0: skip); got '-1'",
+    ),
+    (
+        "num-samples-zero",
+        ["compress", "--output", "o", "--num-samples", "0"],
+        "argument --num-samples: must be",
+    ),
+    (
+        "seq-len-text",
+        ["compress", "--output", "o", "--seq-len", "abc"],
+        "argument --seq-len: must be an integer >= 2",
+    ),
     ("output-missing", ["compress"], "the following arguments are required: --output"),
-    ("max-windows-zero", ["eval", "m", "--max-windows", "0"], "argument --max-windows: must be an integer >= 1"),
-    ("limit-zero", ["eval", "m", "--tasks", "x", "--limit", "0"], "argument --limit: must be an integer >= 1"),
+    (
+        "max-windows-zero",
+        ["eval", "m", "--max-windows", "0"],
+        "argument --max-windows: must be an integer >= 1",
+    ),
+    (
+        "limit-zero",
+        ["eval", "m", "--tasks", "x", "--limit", "0"],
+        "argument --limit: must be an integer >= 1",
+    ),
     ("max-new-tokens-zero", ["generate", "m", "--prompt", "p", "--max-new-tokens", "0"], "--max-new-tokens"),
-    ("bnb-choice", ["generate", "m", "--prompt", "p", "--bnb", "fp4"], "argument --bnb: invalid choice: 'fp4'"),
+    (
+        "bnb-choice",
+        ["generate", "m", "--prompt", "p", "--bnb", "fp4"],
+        "argument --bnb: invalid choice: 'fp4'",
+    ),
     ("unknown-command", ["squash"], "argument COMMAND: invalid choice: 'squash'"),
     ("no-command", [], "the following arguments are required: COMMAND"),
     ("unknown-option", ["eval", "m", "--windows", "3"], "unrecognized arguments: --windows 3"),
@@ -225,7 +341,7 @@ def _no_leftovers(tmp: Path, before: set[str]) -> None:
     assert not [p for p in tmp.rglob(".*") if ".tmp-" in p.name]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, tiny_dir, svd_dir, tmp_path, capsys, monkeypatch):
     _, argv, expected, files, edit, before_load = case
     _write(tmp_path, files)
@@ -302,11 +418,16 @@ def test_unexpected_error_points_to_debug(tiny_dir, capsys, monkeypatch):
     monkeypatch.setattr(svdllm_plugin.evaluate, "perplexity", broken)
     argv = ["eval", str(tiny_dir), "--seq-len", "16", "--max-windows", "1"]
     assert main(argv) == 2
-    _check_one_error_line(capsys.readouterr().err, "AttributeError: 'NoneType' object has no attribute 'shape' "
-                                                   "(unexpected; rerun with --debug for the traceback)")
+    _check_one_error_line(
+        capsys.readouterr().err,
+        "AttributeError: 'NoneType' object has no attribute 'shape' "
+        "(unexpected; rerun with --debug for the traceback)",
+    )
     assert main([*argv, "--debug"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("svdllm eval")
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(
+        "svdllm eval"
+    )
     monkeypatch.setenv("SVDLLM_DEBUG", "1")
     assert main(argv) == 2
     assert "Traceback (most recent call last)" in capsys.readouterr().err
