@@ -50,13 +50,6 @@ def test_compress_then_eval_json(tiny_dir, tmp_path, capsys):
     assert load_pretrained(out) is not None
 
 
-
-
-
-
-
-
-
 def test_interrupted_run_leaves_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
     import llmcompressor
 
