@@ -149,7 +149,6 @@ def _eval(args) -> str:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise ValueError(f"--tasks {args.tasks!r} names no task; give comma-separated lm-eval task names")
-        check_model(args.model)
         model, tokenizer = load_model_and_tokenizer(args.model)
         model.to(args.device or default_device())
         from svdllm_plugin.lm_eval import format_results, run_lm_eval
@@ -161,9 +160,9 @@ def _eval(args) -> str:
     from svdllm_plugin.data import eval_windows, load_text
     from svdllm_plugin.evaluate import perplexity
 
-    check_model(args.model)
-    text = load_text(args.dataset, "evaluation")  # checked before the weights load
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    path = check_model(args.model)
+    text = load_text(args.dataset, "evaluation")  # read before the weights load
+    model, tokenizer = load_model_and_tokenizer(path, check=False)
     model.to(args.device or default_device())
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
     ppl = perplexity(model, windows)

@@ -192,7 +192,7 @@ def compress(
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     _check_counts(num_samples, seq_len, eval_windows)
 
-    model_obj, tokenizer = load_model_and_tokenizer(path)
+    model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
     windows = None
     if eval_windows:

@@ -261,6 +261,15 @@ def _load_hub(dataset: str, split: str) -> str:
     if config is None and ":" in name:  # "name:config" picks a configuration
         name, config = name.split(":", 1)
     hub_split = HUB_SPLITS[split]
+    if not datasets.config.HF_DATASETS_OFFLINE:
+        from svdllm_plugin.models import hub_unreachable
+
+        problem = hub_unreachable()  # seconds, instead of a minute of retries inside load_dataset
+        if problem:
+            raise ConnectionError(
+                f"dataset {dataset!r} is not a local file and {problem}; "
+                f"pass a local .txt/.jsonl file or {EMBEDDED!r}, or check the network"
+            )
     try:
         data = datasets.load_dataset(name, config, split=hub_split)
     except Exception as e:

@@ -25,6 +25,7 @@ from svdllm_plugin.atomic import atomic_output_dir
 
 __all__ = [
     "DEFAULT_MODEL",
+    "hub_unreachable",
     "TESTED_MODEL_TYPES",
     "cache_dir",
     "resolve_model_path",
@@ -111,15 +112,25 @@ def _check_hub(model_id: str) -> None:
             f"model {model_id!r} is not a local folder and not in the hub cache, and HF_HUB_OFFLINE is set; "
             f"pass a local folder or {DEFAULT_MODEL!r}, or unset HF_HUB_OFFLINE"
         )
+    problem = hub_unreachable()
+    if problem:
+        raise ConnectionError(
+            f"model {model_id!r} is not a local folder and {problem}; "
+            f"pass a local folder or {DEFAULT_MODEL!r}, or check the network"
+        )
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (a few seconds at most), or None when it answers a connect."""
+    from huggingface_hub import constants
+
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=_HUB_CONNECT_TIMEOUT_S).close()
     except OSError as error:
-        raise ConnectionError(
-            f"model {model_id!r} is not a local folder and the hub {constants.ENDPOINT} is unreachable "
-            f"({error}); pass a local folder or {DEFAULT_MODEL!r}, or check the network"
-        ) from error
+        return f"the hub {constants.ENDPOINT} is unreachable ({error})"
+    return None
 
 
 def _read_config(path: str) -> dict:
@@ -240,12 +251,15 @@ def check_model(model: str) -> str:
     return path
 
 
-def load_model_and_tokenizer(model: str, dtype=None):
-    """Load a dense or plugin-compressed model (factorized checkpoints are rebuilt), checked first."""
+def load_model_and_tokenizer(model: str, dtype=None, check: bool = True):
+    """Load a dense or plugin-compressed model (factorized checkpoints are rebuilt).
+
+    ``check=False`` skips ``check_model`` for a path that the caller has just checked.
+    """
     import torch
     from transformers import AutoTokenizer
 
     from svdllm_plugin.checkpoint import load_pretrained
 
-    path = check_model(model)
+    path = check_model(model) if check else resolve_model_path(model)
     return load_pretrained(path, dtype=dtype or torch.float32), AutoTokenizer.from_pretrained(path)

@@ -379,18 +379,28 @@ def test_bad_argument(case, capsys):
     assert line.endswith("--help`")
 
 
-def test_hub_unreachable_fails_fast(tmp_path, capsys, monkeypatch):
-    """A hub id with no network: one line in seconds, not a minute of retries."""
+def test_hub_unreachable_fails_fast(tiny_dir, capsys, monkeypatch):
+    """A hub model or dataset with no network: one line in seconds, not a minute of retries."""
     import time
 
+    import datasets
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    start = time.perf_counter()
-    assert main(["eval", "no-org/no-model"]) == 2
-    assert time.perf_counter() - start < 10
-    _check_one_error_line(capsys.readouterr().err, "the hub http://127.0.0.1:9 is unreachable")
+    for argv, expected in (
+        (["eval", "no-org/no-model"], "model 'no-org/no-model' is not a local folder and the hub "),
+        (
+            ["eval", str(tiny_dir), "--dataset", "no-org/no-data"],
+            "dataset 'no-org/no-data' is not a local file",
+        ),
+    ):
+        start = time.perf_counter()
+        assert main(argv) == 2
+        assert time.perf_counter() - start < 10
+        line = _check_one_error_line(capsys.readouterr().err, expected)
+        assert "http://127.0.0.1:9 is unreachable" in line
 
 
 def test_interrupt_while_loading_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
