@@ -142,15 +142,17 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _eval(args) -> str:
-    from svdllm_plugin.compress import default_device
+    from svdllm_plugin.compress import check_device
     from svdllm_plugin.models import check_model, load_model_and_tokenizer
+
+    device = check_device(args.device)
 
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise ValueError(f"--tasks {args.tasks!r} names no task; give comma-separated lm-eval task names")
         model, tokenizer = load_model_and_tokenizer(args.model)
-        model.to(args.device or default_device())
+        model.to(device)
         from svdllm_plugin.lm_eval import format_results, run_lm_eval
 
         results = run_lm_eval(model, tokenizer, tasks, limit=args.limit)
@@ -163,7 +165,7 @@ def _eval(args) -> str:
     path = check_model(args.model)
     text = load_text(args.dataset, "evaluation")  # read before the weights load
     model, tokenizer = load_model_and_tokenizer(path, check=False)
-    model.to(args.device or default_device())
+    model.to(device)
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
     ppl = perplexity(model, windows)
     result = {
@@ -200,17 +202,16 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
 def _generate(args) -> str:
     import torch
 
-    from svdllm_plugin.compress import default_device
+    from svdllm_plugin.compress import check_device
     from svdllm_plugin.models import load_model_and_tokenizer
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be a positive integer; got {args.max_new_tokens}")
+    device = check_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.bnb:
         from svdllm_plugin.quantized import to_bitsandbytes
 
         model = to_bitsandbytes(model, args.bnb)
-    model.to(args.device or default_device())
+    model.to(device)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False

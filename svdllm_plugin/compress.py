@@ -18,7 +18,14 @@ from svdllm_plugin.atomic import check_output_dir
 from svdllm_plugin.checkpoint import save_pretrained
 from svdllm_plugin.layers import SVDLinear
 
-__all__ = ["CompressionReport", "load_recipe", "compress", "parameter_counts", "default_device"]
+__all__ = [
+    "CompressionReport",
+    "load_recipe",
+    "compress",
+    "parameter_counts",
+    "default_device",
+    "check_device",
+]
 
 DEFAULT_RECIPE = """\
 svd_stage:
@@ -79,6 +86,27 @@ class CompressionReport:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda if available), refused now if this machine does not have it."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a device ({error}); use cpu, cuda or cuda:N") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(
+                f"--device {device!r}: this machine has {count} CUDA devices; use --device cpu or omit it"
+            )
+    elif parsed.type != "cpu" and not (
+        torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == parsed.type
+    ):
+        raise ValueError(f"--device {device!r} is not available here; use --device cpu or leave it out")
+    return device
 
 
 def peak_memory_gib() -> float:
@@ -191,6 +219,7 @@ def compress(
     path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     _check_counts(num_samples, seq_len, eval_windows)
+    device = check_device(device)
 
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
@@ -200,7 +229,6 @@ def compress(
     report = CompressionReport(model=model, output=str(output))
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
 
-    device = device or default_device()
     if windows is not None:
         report.ppl_before = perplexity(model_obj.to(device), windows, desc="Perplexity before")
     model_obj.to("cpu")

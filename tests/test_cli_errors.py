@@ -219,7 +219,14 @@ CASES = [
         recipe("      targets: ['re:.*no$']\n"),
         before_load=False,
     ),
+    Case("device-cuda-99", compress("--device", "cuda:99"), "CUDA devices; use --device cpu or omit it"),
     # eval / generate / export-gptq
+    Case("eval-device-bogus", ["eval", "{tiny}", "--device", "banana"], "--device 'banana' is not a device"),
+    Case(
+        "generate-device-cuda-99",
+        ["generate", "{tiny}", "--prompt", "hi", "--device", "cuda:99"],
+        "CUDA devices",
+    ),
     Case("eval-missing", ["eval", "{tmp}/nope"], "does not exist"),
     Case("eval-bert", ["eval", "{tmp}/bert"], "is not a decoder-only causal LM", {"bert/config.json": BERT}),
     Case(
