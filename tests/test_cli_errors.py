@@ -51,6 +51,11 @@ def _garble_header(folder: Path) -> None:
     file.write_bytes(bytes(data))
 
 
+def _missing_shard(folder: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def _edit_ranks(folder: Path, name: str = "model.layers.5.self_attn.q_proj", rank=8) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["svdllm"]["ranks"][name] = rank
@@ -199,6 +204,12 @@ CASES = [
         compress(model="{model}"),
         "{model}/model.safetensors is truncated or corrupted",
         edit=("tiny", _garble_header),
+    ),
+    Case(
+        "model-missing-shard",
+        compress(model="{model}"),
+        "checkpoint file {model}/model-00002-of-00002.safetensors is missing",
+        edit=("tiny", _missing_shard),
     ),
     Case(
         "hub-id-offline", compress(model="no-org/no-model"), "not in the hub cache, and HF_HUB_OFFLINE is set"
