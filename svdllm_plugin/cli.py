@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -300,6 +301,8 @@ def _logs_to_stderr(debug: bool) -> None:
 
     configure()
     when_imported("llmcompressor.logger", configure)
+    # bitsandbytes warns at import that an optional CPU kernel package is missing: noise for a user
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET if debug else logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,8 +205,6 @@ def compress(
     Every input is checked before the slow work starts; the output folder appears only
     when everything succeeded.
     """
-    from llmcompressor import oneshot
-
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
@@ -214,12 +212,13 @@ def compress(
 
     start = time.perf_counter()
     # pre-flight: every cheap check runs before the weights load and calibration starts
+    # (the recipe last: parsing it imports llmcompressor, the slowest of these)
     check_output_dir(output, overwrite)
-    recipe_text, modifiers = load_recipe(recipe)
-    path = check_model(model)
-    calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     _check_counts(num_samples, seq_len, eval_windows)
     device = check_device(device)
+    path = check_model(model)
+    calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    recipe_text, modifiers = load_recipe(recipe)
 
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
@@ -232,6 +231,8 @@ def compress(
     if windows is not None:
         report.ppl_before = perplexity(model_obj.to(device), windows, desc="Perplexity before")
     model_obj.to("cpu")
+    from llmcompressor import oneshot
+
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
     oneshot(
         model=model_obj,
