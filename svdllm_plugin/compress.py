@@ -18,7 +18,14 @@ from svdllm_plugin.atomic import check_output_dir
 from svdllm_plugin.checkpoint import save_pretrained
 from svdllm_plugin.layers import SVDLinear
 
-__all__ = ["CompressionReport", "load_recipe", "compress", "parameter_counts", "default_device"]
+__all__ = [
+    "CompressionReport",
+    "load_recipe",
+    "compress",
+    "parameter_counts",
+    "default_device",
+    "check_device",
+]
 
 DEFAULT_RECIPE = """\
 svd_stage:
@@ -81,6 +88,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda if available), refused now if this machine does not have it."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a device ({error}); use cpu, cuda or cuda:N") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(
+                f"--device {device!r}: this machine has {count} CUDA devices; use --device cpu or omit it"
+            )
+    elif parsed.type != "cpu" and not (
+        torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == parsed.type
+    ):
+        raise ValueError(f"--device {device!r} is not available here; use --device cpu or leave it out")
+    return device
+
+
 def peak_memory_gib() -> float:
     """Peak resident memory of this process (and of the GPU, where one is used)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -95,17 +123,31 @@ def load_recipe(recipe: str | None):
     Parsing it here instantiates every modifier, so a typo or a bad setting fails at
     once with pydantic's message instead of after the model has loaded.
     """
-    from llmcompressor.recipe import Recipe
-
-    import svdllm_plugin  # noqa: F401  (registers our modifiers with the factory)
-
     if recipe is None:
         text = DEFAULT_RECIPE
     else:
-        path = Path(recipe)
+        path = Path(recipe).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"recipe file {recipe} does not exist; pass a YAML recipe path")
-        text = path.read_text()
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"recipe file {recipe} {what}; pass a YAML recipe path")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"recipe file {recipe} is not UTF-8 text ({error}); pass a YAML file") from error
+    import yaml
+
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or error
+        raise ValueError(f"recipe file {recipe}{line}: not valid YAML ({problem}); fix the YAML") from error
+    from llmcompressor.recipe import Recipe
+
+    from svdllm_plugin import register_modifiers
+
+    register_modifiers()
     modifiers = Recipe.create_instance(text).modifiers  # oneshot builds its own instances
     if not modifiers:
         raise ValueError(
@@ -138,6 +180,14 @@ def parameter_counts(model) -> tuple[int, int, int]:
     return before, after, whole
 
 
+def _check_counts(num_samples: int, seq_len: int, eval_windows: int | None) -> None:
+    for value, minimum, option in ((num_samples, 1, "--num-samples"), (seq_len, 2, "--seq-len")):
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+    if eval_windows is not None and (not isinstance(eval_windows, int) or eval_windows < 0):
+        raise ValueError(f"--eval-windows must be an integer >= 0 (0: skip); got {eval_windows!r}")
+
+
 def compress(
     model: str,
     output: str,
@@ -155,29 +205,34 @@ def compress(
     Every input is checked before the slow work starts; the output folder appears only
     when everything succeeded.
     """
-    from llmcompressor import oneshot
-
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
-    from svdllm_plugin.models import load_model_and_tokenizer, resolve_model_path
+    from svdllm_plugin.models import check_model, load_model_and_tokenizer
 
     start = time.perf_counter()
+    # pre-flight: every cheap check runs before the weights load and calibration starts
+    # (the recipe last: parsing it imports llmcompressor, the slowest of these)
     check_output_dir(output, overwrite)
-    recipe_text, modifiers = load_recipe(recipe)
-    path = resolve_model_path(model)
+    _check_counts(num_samples, seq_len, eval_windows)
+    device = check_device(device)
+    path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    recipe_text, modifiers = load_recipe(recipe)
 
-    model_obj, tokenizer = load_model_and_tokenizer(path)
+    model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
-    windows = make_windows(tokenizer, eval_text, seq_len, eval_windows) if eval_windows else None
+    windows = None
+    if eval_windows:
+        windows = make_windows(tokenizer, eval_text, seq_len, eval_windows, option="--eval-windows")
     report = CompressionReport(model=model, output=str(output))
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
 
-    device = device or default_device()
     if windows is not None:
         report.ppl_before = perplexity(model_obj.to(device), windows, desc="Perplexity before")
     model_obj.to("cpu")
+    from llmcompressor import oneshot
+
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
     oneshot(
         model=model_obj,

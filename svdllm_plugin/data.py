@@ -179,14 +179,23 @@ def _jsonl_texts(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
+                raise ValueError(
+                    f"{path}, line {lineno}, column {e.pos + 1}: not valid JSON ({e.msg}); "
+                    'each line must be a JSON object like {"text": "..."}'
+                ) from e
             texts.append(_record_text(record, f"{path}, line {lineno}"))
     return texts
 
 
 def _json_texts(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); "
+                'give a JSON list like [{"text": "..."}]'
+            ) from e
     if not isinstance(records, list):
         raise ValueError(
             f'{path}: expected a JSON list of {{"text": "..."}} objects; got a {type(records).__name__}'
@@ -206,15 +215,26 @@ def _read_user_file(path: Path) -> str:
     if path.is_dir():
         raise ValueError(f"dataset {path} is a folder; give a .txt, .jsonl or .json file")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return "\n\n".join(_jsonl_texts(path))
-    if suffix == ".json":
-        return "\n\n".join(_json_texts(path))
-    if suffix == ".txt":
-        return _read(path)
-    raise ValueError(
-        f"dataset file {path} has an unsupported type {suffix!r}; give a .txt, .jsonl or .json file"
-    )
+    readers = {".jsonl": lambda: "\n\n".join(_jsonl_texts(path)),
+               ".json": lambda: "\n\n".join(_json_texts(path)), ".txt": lambda: _read(path)}
+    if suffix not in readers:
+        raise ValueError(
+            f"dataset file {path} has an unsupported type {suffix!r}; give a .txt, .jsonl or .json file"
+        )
+    try:
+        text = readers[suffix]()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"dataset file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a UTF-8 text file"
+        ) from e
+    except PermissionError as e:
+        raise PermissionError(f"dataset file {path} cannot be read (permission denied); fix its mode") from e
+    if "\x00" in text:
+        raise ValueError(
+            f"dataset file {path} contains NUL bytes ({text.count(chr(0)):,}), so it is binary, not text; "
+            "give a UTF-8 text file"
+        )
+    return text
 
 
 def _split_point(text: str, fraction: float = 0.9) -> tuple[int, int]:
@@ -241,6 +261,15 @@ def _load_hub(dataset: str, split: str) -> str:
     if config is None and ":" in name:  # "name:config" picks a configuration
         name, config = name.split(":", 1)
     hub_split = HUB_SPLITS[split]
+    if not datasets.config.HF_DATASETS_OFFLINE:
+        from svdllm_plugin.models import hub_unreachable
+
+        problem = hub_unreachable()  # seconds, instead of a minute of retries inside load_dataset
+        if problem:
+            raise ConnectionError(
+                f"dataset {dataset!r} is not a local file and {problem}; "
+                f"pass a local .txt/.jsonl file or {EMBEDDED!r}, or check the network"
+            )
     try:
         data = datasets.load_dataset(name, config, split=hub_split)
     except Exception as e:
@@ -334,11 +363,16 @@ def calibration_dataset(
     )
 
 
-def eval_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows from the start of ``text``: LongTensor (W, seq_len)."""
+def eval_windows(
+    tokenizer, text: str, seq_len: int, max_windows: int | None = None, option: str = "--max-windows"
+) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of ``text``: LongTensor (W, seq_len).
+
+    ``option`` names ``max_windows`` in error messages (``svdllm compress`` calls it --eval-windows).
+    """
     _check_at_least(seq_len, 2, "seq_len", "--seq-len")
     if max_windows is not None:
-        _check_at_least(max_windows, 1, "max_windows", "--max-windows")
+        _check_at_least(max_windows, 1, "max_windows", option)
     ids = _tokenize(tokenizer, text)
     W = ids.numel() // seq_len
     if W < 1:

@@ -50,7 +50,7 @@ def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -59,31 +59,40 @@ def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0
         vocab_size=vocab_size,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        **overrides,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
 
 
 @pytest.fixture(scope="session")
 def tiny_factory(tokenizer):
     """``tiny_factory(hidden=64, layers=2, seed=0, **config_overrides)``: a tiny Llama (GQA,
-    4 heads / 2 KV heads) with the SmolLM2 tokenizer's vocabulary. The one model factory of
-    the suite: new tests build their models with it."""
+    4 heads / 2 KV heads, intermediate 2 x hidden, tied embeddings) with the SmolLM2 tokenizer's
+    vocabulary unless ``vocab_size`` is given. The one model factory of the suite."""
 
     def make(hidden: int = 64, layers: int = 2, seed: int = 0, **overrides):
-        return tiny_llama(len(tokenizer), hidden=hidden, layers=layers, seed=seed, **overrides)
+        vocab_size = overrides.pop("vocab_size", len(tokenizer))
+        return tiny_llama(vocab_size, hidden=hidden, layers=layers, seed=seed, **overrides)
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+def save_tiny(tiny_factory, tokenizer):
+    """``save_tiny(folder, **tiny_factory_kwargs) -> folder``: a tiny Llama saved with the SmolLM2
+    tokenizer (oneshot and the CLI re-read config and tokenizer from the model's folder)."""
+
+    def save(folder, **kwargs) -> Path:
+        tiny_factory(**kwargs).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return Path(folder)
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, save_tiny) -> Path:
     """A saved tiny Llama (GQA: 4 heads, 2 KV heads) with the SmolLM2 tokenizer."""
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model = tiny_llama(len(tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

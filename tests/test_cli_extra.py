@@ -1,43 +1,42 @@
 """`svdllm generate` and `svdllm export-gptq` on tiny compressed folders.
 
-Two folders for the module, built with test_recipes' helpers from the recipes themselves:
-a float SVD-LLM checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor checkpoint
+Two folders for the module, written by `svdllm compress` with the recipes themselves: a float
+SVD-LLM checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor checkpoint
 (recipes/svd_w4.yaml), both on the hidden-256 tiny Llama with the SmolLM2 tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from test_recipes import RECIPES, build_tiny, compress_tiny
 
 from svdllm_plugin.cli import main
 
 PROMPT = "What is the capital of France?"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-
-
-def _compressed(recipe_stem, tmp_path_factory, tokenizer, calib):
-    from svdllm_plugin.checkpoint import save_pretrained
-
+def _compressed(recipe_stem, tmp_path_factory, save_tiny) -> Path:
     work = tmp_path_factory.mktemp(recipe_stem)
-    dense = build_tiny(work / "dense", tokenizer)
-    recipe = next(p for p in RECIPES if p.stem == recipe_stem)
-    model = compress_tiny(dense, str(recipe), calib)
-    return save_pretrained(model, work / "checkpoint", tokenizer)
+    dense = save_tiny(work / "dense", hidden=256, max_position_embeddings=128)
+    out = work / "checkpoint"
+    recipe = RECIPES / f"{recipe_stem}.yaml"
+    argv = ["compress", "--model", str(dense), "--recipe", str(recipe), "--output", str(out)]
+    assert main([*argv, "--num-samples", "8", "--seq-len", "32", "--eval-windows", "0"]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
-def svd_folder(tmp_path_factory, tokenizer, calib):
-    return _compressed("svd_llm_0.2", tmp_path_factory, tokenizer, calib)
+def svd_folder(tmp_path_factory, save_tiny):
+    return _compressed("svd_llm_0.2", tmp_path_factory, save_tiny)
 
 
 @pytest.fixture(scope="module")
-def w4_folder(tmp_path_factory, tokenizer, calib):
-    return _compressed("svd_w4", tmp_path_factory, tokenizer, calib)
+def w4_folder(tmp_path_factory, save_tiny):
+    return _compressed("svd_w4", tmp_path_factory, save_tiny)
 
 
 def _reference_generation(folder, max_new_tokens: int) -> str:
@@ -58,6 +57,7 @@ def _reference_generation(folder, max_new_tokens: int) -> str:
 @pytest.mark.parametrize("folder", ["svd_folder", "w4_folder"])
 def test_generate_is_greedy_chat(request, capsys, folder):
     folder = request.getfixturevalue(folder)
+    capsys.readouterr()  # the fixture's compress report
     assert main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out
     assert printed == _reference_generation(folder, 5) + "\n"
@@ -87,13 +87,10 @@ def test_generate_refuses_bnb_on_a_gptq_folder(w4_folder, capsys):
     assert "already quantized by compressed-tensors" in capsys.readouterr().err
 
 
-def test_generate_rejects_bad_arguments(svd_folder, tmp_path, capsys):
-    assert main(["generate", str(svd_folder), "--prompt", PROMPT, "--max-new-tokens", "0"]) == 2
-    assert "--max-new-tokens must be a positive integer; got 0" in capsys.readouterr().err
-    assert main(["generate", str(tmp_path / "missing"), "--prompt", PROMPT]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: --bnb takes nf4 or int8
+def test_generate_rejects_bad_arguments(svd_folder, capsys):
+    with pytest.raises(SystemExit):  # argparse: --bnb takes nf4 or int8 (more cases: test_cli_errors.py)
         main(["generate", str(svd_folder), "--prompt", PROMPT, "--bnb", "fp4"])
+    assert "argument --bnb: invalid choice: 'fp4'" in capsys.readouterr().err
 
 
 def test_export_gptq(w4_folder, tmp_path, capsys):

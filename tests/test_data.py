@@ -152,7 +152,7 @@ def test_load_text_jsonl_and_json(tmp_path):
         ("empty.txt", "", ValueError, "is empty"),
         ("blank.jsonl", '{"text": "  "}\n', ValueError, "is empty"),
         ("bad.jsonl", '{"text": "a"}\n{"body": "b"}\n', ValueError, r'bad\.jsonl, line 2: has no "text"'),
-        ("broken.jsonl", '{"text": "a"}\n{"text": \n', ValueError, r"broken\.jsonl, line 2: not valid JSON"),
+        ("broken.jsonl", '{"text": "a"}\n{"text": \n', ValueError, r"broken\.jsonl, line 2, column 11: not"),
         ("dict.json", '{"text": "a"}', ValueError, "expected a JSON list"),
         ("table.csv", "text\na\n", ValueError, "unsupported type '.csv'"),
     ],

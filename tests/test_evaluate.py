@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from svdllm_plugin.evaluate import perplexity
 
@@ -14,18 +13,8 @@ VOCAB = 64
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+def model(tiny_factory):
+    return tiny_factory(hidden=16, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import math
 import socket
 
 import pytest
-import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from svdllm_plugin import data
 from svdllm_plugin import lm_eval as harness
@@ -30,18 +28,9 @@ def _refuse_network(self, address):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,  # lm-eval's window: short, so rolling windows are exercised
-    )
-    return LlamaForCausalLM(config)
+def tiny_model(tiny_factory):
+    # max_position_embeddings 256 is lm-eval's window: short, so rolling windows are exercised
+    return tiny_factory(hidden=32, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

@@ -27,26 +27,12 @@ from svdllm_plugin.modifiers.pruning.magnitude import magnitude_mask
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 LORA_FAST = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=0)
+PRUNING = ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
 
 
 
 
-# ---------------------------------------------------------------- helpers (test_cli_extra uses them)
-
-
-def build_tiny(folder: Path, tokenizer) -> Path:
-    """Save a tied-embedding tiny Llama with ``tokenizer`` (oneshot reloads config from the folder)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+# ---------------------------------------------------------------- helpers
 
 
 def recipe_modifiers(recipe: dict) -> dict[str, dict]:
@@ -108,8 +94,8 @@ class Compressed:
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory, tokenizer) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("recipes") / "tiny", tokenizer)
+def dense(tmp_path_factory, save_tiny) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("recipes") / "tiny", hidden=256, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +103,17 @@ def probe(tokenizer) -> torch.Tensor:
     return torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module", params=RECIPES, ids=lambda p: p.stem)
+def _with(*names: str) -> list[Path]:
+    """The recipes that hold one of the modifiers ``names``."""
+    return [p for p in RECIPES if set(names) & set(recipe_modifiers(yaml.safe_load(p.read_text())))]
+
+
+def over(recipes: list[Path]):
+    """Parametrize a test over ``recipes`` (the module-scoped ``compressed`` fixture runs each once)."""
+    return pytest.mark.parametrize("compressed", recipes, indirect=True, ids=[p.stem for p in recipes])
+
+
+@pytest.fixture(scope="module")
 def compressed(request, dense, calib, probe, tokenizer, tmp_path_factory) -> Compressed:
     from transformers import AutoModelForCausalLM
 
@@ -134,12 +130,14 @@ def compressed(request, dense, calib, probe, tokenizer, tmp_path_factory) -> Com
     return Compressed(path.stem, modifiers, model, logits, folder, reloaded, embed)
 
 
+@over(RECIPES)
 def test_recipe_is_documented(compressed):
     text = (RECIPES[0].parent / f"{compressed.name}.yaml").read_text()
     assert text.startswith("#")
     assert f"svdllm compress --recipe recipes/{compressed.name}.yaml --output outputs/" in text
 
 
+@over(RECIPES)
 def test_factorized_ranks(compressed):
     svd = compressed.modifiers.get("SVDLLMModifier")
     ranks = factorized_ranks(compressed.model)
@@ -153,11 +151,13 @@ def test_factorized_ranks(compressed):
     assert not any(layer.pending for layer in compressed.model.modules() if isinstance(layer, SVDLinear))
 
 
+@over(RECIPES)
 def test_reload_gives_identical_logits(compressed, probe):
     with torch.no_grad():
         assert torch.equal(compressed.reloaded(probe).logits, compressed.logits)
 
 
+@over(RECIPES)
 def test_lm_head_and_embeddings_untouched(compressed):
     for model in (compressed.model, compressed.reloaded):
         assert type(model.lm_head) is nn.Linear
@@ -166,14 +166,13 @@ def test_lm_head_and_embeddings_untouched(compressed):
         assert torch.equal(model.lm_head.weight, compressed.embed)  # tied, unpruned
 
 
+@over(_with("GPTQModifier"))
 def test_quantized_factors_fit_their_bits(compressed):
     from factor_helpers import max_distinct_per_group
 
     from svdllm_plugin.export import read_quantized_weights
 
-    gptq = compressed.modifiers.get("GPTQModifier")
-    if gptq is None:
-        pytest.skip("no GPTQModifier in this recipe")
+    gptq = compressed.modifiers["GPTQModifier"]
     weights = gptq["config_groups"]["group_0"]["weights"]
     bits, group_size = weights["num_bits"], weights["group_size"]
     saved = read_quantized_weights(compressed.folder)
@@ -193,13 +192,9 @@ def test_quantized_factors_fit_their_bits(compressed):
         assert torch.equal(qw.dequantize(), weight)
 
 
+@over(_with(*PRUNING))
 def test_pruned_factors_reach_their_sparsity(compressed):
-    pruning = {
-        name: settings for name, settings in compressed.modifiers.items()
-        if name in ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
-    }
-    if not pruning:
-        pytest.skip("no pruning modifier in this recipe")
+    pruning = {name: settings for name, settings in compressed.modifiers.items() if name in PRUNING}
     sparsity = max(settings["sparsity"] for settings in pruning.values())
     structure = next(iter(pruning.values())).get("mask_structure", "unstructured")
     weights = factor_weights(compressed.reloaded)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from svdllm_plugin.layers import SVDLinear
 
@@ -38,17 +38,9 @@ def load_reference():
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tokenizer) -> Path:
+def tiny_folder(tmp_path, save_tiny) -> Path:
     """Hidden 32, 2 layers, 4 heads / 2 KV heads, saved with the SmolLM2 tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    return tmp_path
+    return save_tiny(tmp_path, hidden=32, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 def test_plugin_matches_reference(tiny_folder, tokenizer, calib):

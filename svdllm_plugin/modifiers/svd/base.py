@@ -197,6 +197,11 @@ class SVDLLMModifier(Modifier):
             for name, module in match_named_modules(model, self.targets, self.ignore)
             if isinstance(module, nn.Linear) and not _inside_svd_linear(name)
         ]
+        if not matched and any(isinstance(m, SVDLinear) for m in model.modules()):
+            raise ValueError(
+                "SVDLLMModifier: the model is already factorized (it has SVDLinear modules and no "
+                "dense Linear left to compress); start from the dense model"
+            )
         if not matched:
             raise ValueError(
                 f"SVDLLMModifier found no Linear modules matching targets={self.targets} "
@@ -219,9 +224,14 @@ class SVDLLMModifier(Modifier):
             replace_module(model, name, layer)
             self._layers[name] = layer
         if not self._layers:
+            shapes = [(l.out_features, l.in_features, self._ratio_for(n)) for n, l in matched]
+            unrounded = [rank_for_ratio(m, n, r) for m, n, r in shapes]
+            too_coarse = any(saves_parameters(m, n, k) for (m, n, _), k in zip(shapes, unrounded))
             raise ValueError(
                 f"SVDLLMModifier: none of the {len(matched)} matched matrices saves parameters "
-                f"at ratio={self._ratio}; raise `ratio`"
+                f"at ratio={self._ratio}; "
+                + (f"`rank_multiple: {self.rank_multiple}` is larger than the ranks these matrices allow "
+                   f"(at most {max(unrounded)}); lower `rank_multiple`" if too_coarse else "raise `ratio`")
             )
         _check_group_sizes(self, self._layers)
         logger.info(
