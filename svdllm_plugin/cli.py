@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("model", help="a folder written by `svdllm compress` with a GPTQModifier recipe")
     x.add_argument("--output", required=True, help="folder to write (must not exist, see --overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    from svdllm_plugin import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -162,7 +166,15 @@ def _export_gptq(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"compress": _compress, "eval": _eval, "generate": _generate, "export-gptq": _export_gptq}
+        from svdllm_plugin import bench
+
+        commands = {
+            "bench": bench.run,
+            "compress": _compress,
+            "eval": _eval,
+            "generate": _generate,
+            "export-gptq": _export_gptq,
+        }
         commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         logger.opt(exception=error).debug("svdllm failed")
