@@ -45,13 +45,20 @@ def greedy(model, prompt, steps, cache):
     return tokens, torch.stack(logits, 1)
 
 
-def test_latent_cache_greedy_is_exact(tiny_svd):
+@pytest.mark.parametrize("fold_values", [True, False])
+def test_latent_cache_greedy_is_exact(tiny_factory, fold_values):
     """256 greedy tokens with the latent cache: same tokens, same logits (fp32 rounding) as DynamicCache."""
+    tiny_svd = factorize(tiny_factory(attention_bias=True))  # biases ride on svd_u: folded V adds them after
     prompt = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     ref_tokens, ref_logits = greedy(tiny_svd, prompt, 256, DynamicCache())
-    model, make_cache = enable_latent_kv_cache(tiny_svd)
+    model, make_cache = enable_latent_kv_cache(tiny_svd, fold_values=fold_values)
+    widths = set()
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.register_forward_pre_hook(lambda module, args: widths.add(args[0].shape[-1]), prepend=True)
     cache = make_cache()
     tokens, logits = greedy(model, prompt, 256, cache)
+    r_v = model.model.layers[1].self_attn.v_proj.rank
+    assert widths == ({64, 4 * r_v} if fold_values else {64})  # decoding attended over the latent
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     # stored: r_k + r_v latents per layer (+ cos/sin once) instead of 2 * kv_heads * head_dim

@@ -18,6 +18,13 @@ It works through transformers' own interfaces, no fork of the model file:
   ``update(key_states, value_states)`` append those latents and return the rebuilt K, V.
 A layer whose k_proj or v_proj is dense caches that tensor as usual.
 
+V's up-projection folds into the output (as in Palu): softmax rows sum to one, so
+``P @ (M_v W_u^T + b) = (P @ M_v) W_u^T + b``. When decoding (one query token) the cache
+returns the latent itself as the value tensor (attention kernels accept a value width
+different from the key width), and a pre-hook on ``o_proj`` applies each head's block of
+W_u_v and the bias to the attention output: per cached token, heads x r_v multiplies
+instead of rebuilding kv_heads x head_dim x r_v. Prefill (many queries) rebuilds V.
+
 Only torch and transformers are imported (the file can sit in a checkpoint folder).
 """
 
@@ -68,18 +75,36 @@ def _record_rope(attn: nn.Module, module, args, kwargs):
     state["rope"] = kwargs.get("position_embeddings")
 
 
+def _unfold_values(attn: nn.Module, module, args):
+    """o_proj pre-hook: each head's (P @ M_v) -> (P @ M_v) W_u_v,h^T + b_h, when V was folded."""
+    if not getattr(attn, _STATE).get("folded"):
+        return None
+    (x,) = args  # (batch, q, heads * r_v)
+    svd_u = attn.v_proj.svd_u
+    r_v, head_dim = svd_u.in_features, attn.head_dim
+    kv_heads = svd_u.out_features // head_dim
+    heads = x.shape[-1] // r_v
+    W = svd_u.weight.view(kv_heads, head_dim, r_v).repeat_interleave(heads // kv_heads, dim=0)
+    y = torch.einsum("bqhr,hdr->bqhd", x.view(*x.shape[:-1], heads, r_v), W)  # (batch, q, heads, head_dim)
+    if svd_u.bias is not None:
+        y = y + svd_u.bias.view(kv_heads, head_dim).repeat_interleave(heads // kv_heads, dim=0)
+    return (y.reshape(*x.shape[:-1], heads * head_dim),)
+
+
 def _clear(attn: nn.Module, module, args, output):
     getattr(attn, _STATE).clear()  # no latent outlives the attention call
 
 
-def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True):
+def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True, fold_values: bool = True):
     """Install the latent-capturing hooks; returns ``(model, make_cache)``.
 
     ``make_cache()`` builds a fresh :class:`LatentKVCache` for one generation; pass it as
     ``past_key_values=make_cache()`` to ``model(...)`` or ``model.generate(...)``. With
     ``patch_generate`` (default) ``model.generate`` uses one whenever no cache is passed,
-    which makes the latent cache a load-time option. Requires Llama-style attention (RoPE
-    through ``position_embeddings``, no k_norm) and at least one factorized k_proj/v_proj.
+    which makes the latent cache a load-time option. ``fold_values`` (default) applies V's
+    up-projection after attention when decoding (see the module docstring). Requires
+    Llama-style attention (RoPE through ``position_embeddings``, no k_norm) and at least one
+    factorized k_proj/v_proj.
     """
     attns = _attention_modules(model)
     kinds = latent_layers(model)
@@ -98,7 +123,9 @@ def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True):
         for slot, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
             if isinstance(getattr(proj, "svd_u", None), nn.Linear):
                 proj.svd_u.register_forward_pre_hook(functools.partial(_record, slot, attn))
-    make_cache = functools.partial(LatentKVCache, model)
+        if isinstance(getattr(attn.v_proj, "svd_u", None), nn.Linear):
+            attn.o_proj.register_forward_pre_hook(functools.partial(_unfold_values, attn))
+    make_cache = functools.partial(LatentKVCache, model, fold_values=fold_values)
     model._svdllm_latent_cache = make_cache
     if patch_generate and not getattr(model, "_svdllm_generate_patched", False):
         generate = model.generate
@@ -139,9 +166,9 @@ class LatentLayer(DynamicLayer):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, attn: nn.Module, rope: _RopeStore, owns_rope: bool):
+    def __init__(self, attn: nn.Module, rope: _RopeStore, owns_rope: bool, fold_values: bool = True):
         super().__init__()
-        self.attn, self.rope, self.owns_rope = attn, rope, owns_rope
+        self.attn, self.rope, self.owns_rope, self.fold_values = attn, rope, owns_rope, fold_values
         self.latent_k: torch.Tensor | None = None  # (batch, T, r_k)
         self.latent_v: torch.Tensor | None = None  # (batch, T, r_v)
         self.length = 0
@@ -164,7 +191,12 @@ class LatentLayer(DynamicLayer):
             keys = self.keys = _cat(self.keys, key_states, dim=-2)
         if M_v is not None:
             self.latent_v = _cat(self.latent_v, M_v)
-            values = self._heads(self.attn.v_proj.svd_u(self.latent_v), value_states)
+            if self.fold_values and key_states.shape[-2] == 1:  # decoding: attend over the latent
+                batch, kv_heads = value_states.shape[:2]
+                values = self.latent_v[:, None].expand(batch, kv_heads, *self.latent_v.shape[1:])
+                state["folded"] = True
+            else:
+                values = self._heads(self.attn.v_proj.svd_u(self.latent_v), value_states)
         else:
             values = self.values = _cat(self.values, value_states, dim=-2)
         self.length += key_states.shape[-2]
@@ -221,14 +253,14 @@ class LatentKVCache(DynamicCache):
     Build it with the ``make_cache`` returned by :func:`enable_latent_kv_cache`.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fold_values: bool = True):
         attns = _attention_modules(model)
         if not all(hasattr(a, _STATE) for a in attns):
             raise RuntimeError("call enable_latent_kv_cache(model) before building a LatentKVCache")
         self.rope = _RopeStore()
         kinds = latent_layers(model)
         owner = min(i for i, (k, _) in kinds.items() if k) if any(k for k, _ in kinds.values()) else None
-        layers = [LatentLayer(a, self.rope, a.layer_idx == owner) for a in attns]
+        layers = [LatentLayer(a, self.rope, a.layer_idx == owner, fold_values) for a in attns]
         super().__init__()
         self.layers = layers
         self.layer_class_to_replicate = None
