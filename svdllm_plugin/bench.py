@@ -226,33 +226,46 @@ def linear_macs_per_token(model, head: bool = True) -> int:
     )
 
 
-def _rebuild_macs_per_position(variant) -> int:
-    """Latent cache: MACs to rebuild K and V (svd_u) of one cached position in every layer."""
+def _latent_macs_per_position(variant, decoding: bool) -> int:
+    """Latent cache: extra MACs per cached position and token, summed over layers.
+
+    K is rebuilt (svd_u_k) at every position. V is rebuilt too, except when decoding with
+    folded values, where attention reads the r_v-wide latent instead of head_dim-wide V.
+    """
     if variant.make_cache is None:
         return 0
     from svdllm_plugin.inference.latent_cache import _attention_modules
 
+    fold = decoding and getattr(variant.make_cache, "keywords", {}).get("fold_values", True)
     total = 0
     for attn in _attention_modules(variant.model):
-        for proj in (attn.k_proj, attn.v_proj):
-            if hasattr(proj, "svd_u"):
-                total += proj.svd_u.weight.numel()
+        if hasattr(attn.k_proj, "svd_u"):
+            total += attn.k_proj.svd_u.weight.numel()
+        if hasattr(attn.v_proj, "svd_u"):
+            if fold:  # AV over r_v instead of head_dim columns per head
+                heads = attn.o_proj.in_features // attn.head_dim
+                total += heads * (attn.v_proj.svd_u.in_features - attn.head_dim)
+            else:
+                total += attn.v_proj.svd_u.weight.numel()
     return total
 
 
 def prefill_macs(variant, batch: int, length: int) -> float:
+    """Prefill from an empty cache (the latent cache then rebuilds nothing)."""
     layers, heads, head_dim = _attention_shape(variant.model)
     # logits only for the last position (logits_to_keep=1), as a server prefills
     head = variant.model.get_output_embeddings().weight.numel()
     linear = linear_macs_per_token(variant.model, head=False) * length + head
     attention = layers * heads * head_dim * length * (length + 1)  # QK^T and AV, causal
-    return batch * (linear + attention + _rebuild_macs_per_position(variant) * length)
+    return batch * (linear + attention)
 
 
 def decode_macs(variant, context: int) -> float:
     layers, heads, head_dim = _attention_shape(variant.model)
     attention = layers * 2 * heads * head_dim * context
-    return linear_macs_per_token(variant.model) + attention + _rebuild_macs_per_position(variant) * context
+    return (
+        linear_macs_per_token(variant.model) + attention + _latent_macs_per_position(variant, True) * context
+    )
 
 
 # ---- measurements -----------------------------------------------------------------------------

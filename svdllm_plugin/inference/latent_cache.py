@@ -182,16 +182,19 @@ class LatentLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         state = getattr(self.attn, _STATE)
         M_k, M_v = state.get("k"), state.get("v")
+        first = self.length == 0  # nothing cached yet: the states just computed are the whole K, V
         if M_k is not None:
             if self.owns_rope:
                 self.rope.append(*state["rope"])
             self.latent_k = _cat(self.latent_k, M_k)
-            keys = self._rebuild_keys(key_states)
+            keys = key_states if first else self._rebuild_keys(key_states)
         else:
             keys = self.keys = _cat(self.keys, key_states, dim=-2)
         if M_v is not None:
             self.latent_v = _cat(self.latent_v, M_v)
-            if self.fold_values and key_states.shape[-2] == 1:  # decoding: attend over the latent
+            if first:
+                values = value_states
+            elif self.fold_values and key_states.shape[-2] == 1:  # decoding: attend over the latent
                 batch, kv_heads = value_states.shape[:2]
                 values = self.latent_v[:, None].expand(batch, kv_heads, *self.latent_v.shape[1:])
                 state["folded"] = True
