@@ -98,19 +98,17 @@ def load_variant(
     path: str, name: str | None = None, fuse: str = "auto", latent_cache: bool = False, device="cpu"
 ):
     """Load ``path`` with ``load_model_and_tokenizer`` and apply the runtime options."""
-    from svdllm_plugin.inference import enable_latent_kv_cache, fuse_shared_inputs, is_factorized
+    from svdllm_plugin.inference import prepare_for_inference
     from svdllm_plugin.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(path)
     model = model.to(device).eval()
-    factorized = any(is_factorized(m) for m in model.modules())
+    prepare_for_inference(model, {"auto": None, "on": True, "off": False}[fuse], latent_cache)
     notes = []
-    if fuse == "on" or (fuse == "auto" and factorized):
-        fuse_shared_inputs(model)
+    if getattr(model, "_svdllm_fused_groups", 0):
         notes.append(f"fused {model._svdllm_fused_groups} groups")
-    make_cache = None
-    if latent_cache:
-        model, make_cache = enable_latent_kv_cache(model)
+    make_cache = getattr(model, "_svdllm_latent_cache", None)
+    if make_cache is not None:
         notes.append("latent KV cache")
     return Variant(name or path, model, make_cache, notes)
 

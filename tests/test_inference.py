@@ -115,3 +115,12 @@ def test_latent_cache_crop(tiny_svd):
         a = model(x[:, 12:], past_key_values=cache, use_cache=True).logits
         b = model(x).logits[:, 12:]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_for_inference_fuses_only_factorized(tiny_factory, tiny_svd):
+    from svdllm_plugin.inference import prepare_for_inference
+
+    dense = prepare_for_inference(tiny_factory())
+    assert not getattr(dense, "_svdllm_fused_groups", 0)
+    model = prepare_for_inference(tiny_svd, latent_kv_cache=True)
+    assert model._svdllm_fused_groups == 4 and callable(model._svdllm_latent_cache)
