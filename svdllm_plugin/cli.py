@@ -27,7 +27,7 @@ from svdllm_plugin.models import DEFAULT_MODEL
 __all__ = ["main", "build_parser", "error_message", "COMMAND_MODULES"]
 
 # modules with add_parser(subparsers) and run(args), e.g. "svdllm_plugin.bench"; keep them light to import
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("svdllm_plugin.bench",)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
