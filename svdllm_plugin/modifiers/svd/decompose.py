@@ -61,37 +61,51 @@ def saves_parameters(m: int, n: int, k: int) -> bool:
 def whiten_cholesky(H: torch.Tensor, name: str = "") -> torch.Tensor:
     """SVD-LLM whitening: the lower Cholesky factor S of H (S S^T = H), in float64.
 
-    When H is not positive definite (a dead input channel, too few tokens) the diagonal
-    is raised by (-lambda_min + eps) and the factorization retried, as the reference code
-    does; the fallback is logged. If that fails too (ill-conditioned beyond float64), the
-    eigendecomposition whitening of ``whiten_eigh`` is used, with a warning. No inverse of
-    S is ever formed: ``factorize`` needs none.
+    When H is not positive definite (a dead input channel, fewer tokens than channels) the
+    diagonal is raised, as the reference code does, and the fallback is logged: first by
+    eps = 1e-6 x mean(diag H) (enough when H is only singular: its negative eigenvalues are
+    rounding), then by (-lambda_min + eps). If Cholesky still fails (ill-conditioned beyond
+    float64), the eigendecomposition whitening of ``whiten_eigh`` is used, with a warning.
+    No inverse of S is ever formed: ``factorize`` needs none.
     """
     H = H.to(torch.float64)
     S, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
         return S
-    lambda_min = torch.linalg.eigvalsh(H)[0].item()
+    label = name or "module"
     eps = 1e-6 * max(H.diagonal().abs().mean().item(), 1e-12)
+    S, info = torch.linalg.cholesky_ex(_shifted(H, eps))
+    if info.item() == 0:
+        logger.warning(
+            "{}: X X^T is not positive definite; adding {:.3e} I (whitening='eigh' needs no shift)",
+            label,
+            eps,
+        )
+        return S
+    lambda_min = torch.linalg.eigvalsh(H)[0].item()
     shift = -lambda_min + eps if lambda_min <= 0 else eps
     logger.warning(
         "{}: X X^T is not positive definite (lambda_min={:.3e}); adding {:.3e} I "
         "(whitening='eigh' needs no shift)",
-        name or "module",
+        label,
         lambda_min,
         shift,
     )
-    H.diagonal().add_(shift)
-    S, info = torch.linalg.cholesky_ex(H)
+    S, info = torch.linalg.cholesky_ex(_shifted(H, shift))
     if info.item() == 0:
         return S
     logger.warning(
         "{}: Cholesky failed again after the shift (X X^T too ill-conditioned); using the "
         "eigendecomposition whitening (whitening='eigh') for this module",
-        name or "module",
+        label,
     )
-    H.diagonal().sub_(shift)
     return whiten_eigh(H)
+
+
+def _shifted(H: torch.Tensor, shift: float) -> torch.Tensor:
+    H = H.clone()
+    H.diagonal().add_(shift)
+    return H
 
 
 def whiten_eigh(H: torch.Tensor) -> torch.Tensor:

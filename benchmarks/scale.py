@@ -1,0 +1,256 @@
+"""Scaling benchmark: real layer shapes through the real pipeline (oneshot) with disk offload.
+
+Random-weight Llama-architecture models with the shapes of Llama-2-7B (hidden 4096,
+intermediate 11008), 13B (5120 / 13824) or 70B (8192 / 28672, grouped-query attention) and a
+small vocabulary, N decoder layers, saved once in float32; each run loads one with its
+decoder layers offloaded to DISK (compressed-tensors ``load_offloaded_model``) and compresses
+it with ``oneshot`` in a subprocess of its own, so its peak RSS is its own. ``smollm2`` is the
+real SmolLM2-135M, in full.
+
+Per decoder layer: wall time between the ends of consecutive layers, split into
+decomposition (whitening + SVD + writes, from the modifier's records), statistics (the X X^T
+hooks) and forward (the rest: two passes through the layer, onloading from disk); the peak
+bytes of X X^T statistics held, against the formula (3 h^2 + i^2) x 8 (x2 with the
+closed-form update's original statistics).
+
+    nice -n 10 .venv/bin/python benchmarks/scale.py --runs 7b:2:uniform 7b:4:uniform
+    .venv/bin/python benchmarks/scale.py --report      # table of benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(os.environ.get("SVDLLM_SCALE_DIR", Path(tempfile.gettempdir()) / "svdllm_scale"))
+SHAPES = {  # hidden, intermediate, heads, kv heads (Llama-2 7B / 13B, Llama-2/3 70B)
+    "7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+    "70b": (8192, 28672, 64, 8),
+    "mini": (512, 1376, 8, 8),  # a smoke test of the script
+}
+FULL_LAYERS = {"7b": 32, "13b": 40, "70b": 80}
+OPTIONS = {
+    "uniform": {},
+    "loss": {"allocation": "loss"},
+    "sensitivity": {"allocation": "sensitivity", "sensitivity_batches": 1, "sensitivity_ratios": [0.4]},
+    "closed_form_update": {"closed_form_update": True},
+}
+VOCAB = 1024
+
+
+def model_dir(shape: str, layers: int) -> Path:
+    return WORK / f"{shape}-{layers}L"
+
+
+def make_model(shape: str, layers: int) -> Path:
+    """A random-weight float32 Llama of this shape, saved once (its own process: its memory is freed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = model_dir(shape, layers)
+    if (folder / "config.json").exists():
+        return folder
+    hidden, inter, heads, kv = SHAPES[shape]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def child(spec: dict) -> dict:
+    """One compression in this process; returns the measurements."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from compressed_tensors.offload import load_offloaded_model
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import svdllm_plugin  # noqa: F401
+    from svdllm_plugin.models import resolve_model_path
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
+    from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
+
+    timing = _instrument(SVDLLMModifier, StatisticsCollector)
+    smol = resolve_model_path("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(smol)
+    folder = smol if spec["shape"] == "smollm2" else str(model_dir(spec["shape"], spec["layers"]))
+    offload = tempfile.mkdtemp(prefix="offload-", dir=WORK)
+    device_map = {n: "cpu" for n in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map["model.layers"] = "disk"
+    start = time.perf_counter()
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload)
+    load_s = time.perf_counter() - start
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if spec["shape"] != "smollm2" else len(tokenizer)
+    ids = torch.randint(0, vocab, (spec["samples"], spec["seq_len"]), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    modifier = SVDLLMModifier(ratio=0.4, **OPTIONS[spec["option"]])
+    start = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifier,
+            num_calibration_samples=spec["samples"], max_seq_length=spec["seq_len"])
+    total_s = time.perf_counter() - start
+    layers = _per_layer(timing, modifier.records)
+    return dict(
+        spec, load_s=load_s, total_s=total_s, per_layer=layers, modules=len(modifier.records),
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        peak_stats_gib=timing["peak_stats"] / 2**30,
+    )
+
+
+def _instrument(modifier_cls, collector_cls) -> dict:
+    """Time the statistics hooks, the end of every decoder layer and the statistics held."""
+    timing = {"stats_s": 0.0, "ends": [], "stats_at_end": [], "peak_stats": 0}
+    call, ready = collector_cls.__call__, modifier_cls._compress_ready
+
+    def timed_call(self, module, args):
+        start = time.perf_counter()
+        call(self, module, args)
+        timing["stats_s"] += time.perf_counter() - start
+
+    def timed_ready(self):
+        held = sum(
+            s.H.nelement() * s.H.element_size()
+            for c in (self._collector, self._original) if c is not None for s in c.stats.values()
+        )
+        timing["peak_stats"] = max(timing["peak_stats"], held)
+        before = {r["name"] for r in self._records} | set(self._spectra)
+        ready(self)
+        done = ({r["name"] for r in self._records} | set(self._spectra)) - before
+        layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in done})
+        timing["ends"].append((time.perf_counter(), timing["stats_s"], layers))
+
+    collector_cls.__call__, modifier_cls._compress_ready = timed_call, timed_ready
+    timing["start"] = None
+    return timing
+
+
+def _per_layer(timing: dict, records: list[dict]) -> list[dict]:
+    """Wall time of each decoder layer's turn (end of the previous turn to the end of the turn
+    that decomposed it), split into decomposition, statistics and forward (the rest)."""
+    decomposition: dict[int, float] = {}
+    for r in records:
+        index = int(r["name"].split(".layers.")[1].split(".")[0])
+        decomposition[index] = decomposition.get(index, 0.0) + r["seconds"]
+    out, previous, stats_before = [], timing["start"], 0.0
+    for end, stats, layers in timing["ends"]:
+        if len(layers) == 1 and previous is not None:
+            i = layers[0]
+            wall, statistics = end - previous, stats - stats_before
+            out.append(dict(layer=i, wall_s=wall, statistics_s=statistics, decomposition_s=decomposition[i],
+                            forward_s=wall - statistics - decomposition[i]))
+        previous, stats_before = end, stats
+    return out  # (layer 0 is left out: its turn also holds the tracing and the cache set-up)
+
+
+def stats_formula_gib(shape: str, option: str) -> float:
+    """Peak X X^T bytes: one decoder layer's distinct inputs (q/k/v, o, gate/up, down) in float64."""
+    h, i = SHAPES[shape][:2] if shape in SHAPES else (576, 1536)
+    copies = 2 if option == "closed_form_update" else 1
+    return copies * (3 * h * h + i * i) * 8 / 2**30
+
+
+def layer_weights_gib(shape: str, dtype_bytes: int = 4) -> float:
+    h, i, heads, kv = SHAPES[shape] if shape in SHAPES else (576, 1536, 9, 3)
+    attn = h * h * 2 + 2 * h * (h * kv // heads)
+    return (attn + 3 * h * i) * dtype_bytes / 2**30
+
+
+def run(specs: list[dict], out: Path) -> list[dict]:
+    results = json.loads(out.read_text()) if out.exists() else []
+    for spec in specs:
+        if spec["shape"] != "smollm2":
+            make = [sys.executable, __file__, "--make", spec["shape"], str(spec["layers"])]
+            subprocess.run(make, check=True)
+        print(f"== {spec}", flush=True)
+        command = [sys.executable, __file__, "--child", json.dumps(spec)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], flush=True)
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results = [r for r in results if _key(r) != _key(result)] + [result]
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "per_layer"}), flush=True)
+    return results
+
+
+def _key(r: dict) -> tuple:
+    return r["shape"], r["layers"], r["option"], r["samples"], r["seq_len"]
+
+
+def report(results: list[dict]) -> str:
+    import statistics as st
+
+    rows = [
+        "| shape | layers | option | peak RSS GiB | per layer s (forward / statistics / decomposition) "
+        "| peak X X^T GiB (formula) | total s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["shape"], r["option"], r["layers"])):
+        per = r["per_layer"]
+        med = {k: st.median(x[k] for x in per) if per else float("nan")
+               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s")}
+        rows.append(
+            f"| {r['shape']} | {r['layers']} | {r['option']} | {r['peak_rss_gib']:.2f} | {med['wall_s']:.1f} "
+            f"({med['forward_s']:.1f} / {med['statistics_s']:.1f} / {med['decomposition_s']:.1f}) | "
+            f"{r['peak_stats_gib']:.3f} ({stats_formula_gib(r['shape'], r['option']):.3f}) | "
+            f"{r['total_s']:.0f} |"
+        )
+    rows += ["", "| shape | option | RSS(4 layers) - RSS(2 layers) GiB | one layer's weights + X X^T GiB |",
+             "|---|---|---|---|"]
+    by = {(r["shape"], r["option"], r["layers"]): r for r in results}
+    for (shape, option, layers), r in sorted(by.items()):
+        other = by.get((shape, option, 2))
+        if layers == 4 and other:
+            bound = layer_weights_gib(shape) + stats_formula_gib(shape, option)
+            delta = r["peak_rss_gib"] - other["peak_rss_gib"]
+            rows.append(f"| {shape} | {option} | {delta:+.2f} | {bound:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", nargs="*", default=[], help="shape:layers:option, e.g. 7b:2:uniform")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.make:
+        make_model(args.make[0], int(args.make[1]))
+        return
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    specs = []
+    for text in args.runs:
+        shape, layers, option = text.split(":")
+        specs.append(dict(shape=shape, layers=int(layers), option=option, samples=args.samples,
+                          seq_len=args.seq_len, threads=args.threads))
+    results = run(specs, args.out) if specs else json.loads(args.out.read_text())
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
