@@ -133,7 +133,7 @@ def _instrument(modifier_cls, collector_cls) -> dict:
         ready(self)
         done = ({r["name"] for r in self._records} | set(self._spectra)) - before
         layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in done})
-        timing["ends"].append((time.perf_counter(), timing["stats_s"], layers))
+        timing["ends"].append((time.perf_counter(), timing["stats_s"], layers, time.process_time()))
 
     collector_cls.__call__, modifier_cls._compress_ready = timed_call, timed_ready
     timing["start"] = None
@@ -147,14 +147,14 @@ def _per_layer(timing: dict, records: list[dict]) -> list[dict]:
     for r in records:
         index = int(r["name"].split(".layers.")[1].split(".")[0])
         decomposition[index] = decomposition.get(index, 0.0) + r["seconds"]
-    out, previous, stats_before = [], timing["start"], 0.0
-    for end, stats, layers in timing["ends"]:
+    out, previous, stats_before, cpu_before = [], timing["start"], 0.0, 0.0
+    for end, stats, layers, cpu in timing["ends"]:
         if len(layers) == 1 and previous is not None:
             i = layers[0]
             wall, statistics = end - previous, stats - stats_before
             out.append(dict(layer=i, wall_s=wall, statistics_s=statistics, decomposition_s=decomposition[i],
-                            forward_s=wall - statistics - decomposition[i]))
-        previous, stats_before = end, stats
+                            forward_s=wall - statistics - decomposition[i], cpu_s=cpu - cpu_before))
+        previous, stats_before, cpu_before = end, stats, cpu
     return out  # (layer 0 is left out: its turn also holds the tracing and the cache set-up)
 
 
@@ -198,17 +198,18 @@ def report(results: list[dict]) -> str:
     import statistics as st
 
     rows = [
-        "| shape | layers | option | peak RSS GiB | per layer s (forward / statistics / decomposition) "
-        "| peak X X^T GiB (formula) | total s |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | layers | option | peak RSS GiB | per layer wall s (forward / statistics / decomposition) "
+        "| per layer CPU s | peak X X^T GiB (formula) | total s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["shape"], r["option"], r["layers"])):
         per = r["per_layer"]
-        med = {k: st.median(x[k] for x in per) if per else float("nan")
-               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s")}
+        med = {k: st.median(x.get(k, float("nan")) for x in per) if per else float("nan")
+               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s", "cpu_s")}
         rows.append(
             f"| {r['shape']} | {r['layers']} | {r['option']} | {r['peak_rss_gib']:.2f} | {med['wall_s']:.1f} "
             f"({med['forward_s']:.1f} / {med['statistics_s']:.1f} / {med['decomposition_s']:.1f}) | "
+            f"{med['cpu_s']:.1f} | "
             f"{r['peak_stats_gib']:.3f} ({stats_formula_gib(r['shape'], r['option']):.3f}) | "
             f"{r['total_s']:.0f} |"
         )
@@ -234,7 +235,7 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     import statistics as st
 
     rows = [
-        "| model | option | layers | est. CPU hours (2 cores) | X X^T GiB | layer fp32 GiB "
+        "| model | option | layers | est. hours, 1 CPU core | X X^T GiB | layer fp32 GiB "
         "| largest decomposition GiB |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -245,7 +246,7 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
         if r["layers"] != deepest[r["option"]]:
             continue
         keys = ("forward_s", "statistics_s", "decomposition_s")
-        med = {k: st.median(x[k] for x in r["per_layer"]) for k in keys}
+        med = {k: st.median(x[k] * _cpu_share(x) for x in r["per_layer"]) for k in keys}
         for shape in ("7b", "13b", "70b"):
             h, i = SHAPES[shape][:2]
             scale = h / h0
@@ -261,6 +262,11 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     return "\n".join(rows)
 
 
+def _cpu_share(layer: dict) -> float:
+    """CPU seconds per wall second of a layer's turn (the machine is shared: wall > CPU time)."""
+    return layer["cpu_s"] / layer["wall_s"] if "cpu_s" in layer else 1.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -268,7 +274,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=[], help="shape:layers:option, e.g. 7b:2:uniform")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)  # 2 threads crawl on a busy 2-core machine
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
