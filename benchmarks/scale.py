@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def child(spec: dict) -> dict:
     oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifier,
             num_calibration_samples=spec["samples"], max_seq_length=spec["seq_len"])
     total_s = time.perf_counter() - start
+    shutil.rmtree(offload, ignore_errors=True)
     layers = _per_layer(timing, modifier.records)
     return dict(
         spec, load_s=load_s, total_s=total_s, per_layer=layers, modules=len(modifier.records),
@@ -262,6 +264,24 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     return "\n".join(rows)
 
 
+def probe_matrix(m: int, n: int, tokens: int) -> dict:
+    """CPU seconds of one whitening decomposition of an (m, n) matrix (float64, this process)."""
+    import torch
+
+    from svdllm_plugin.modifiers.svd.decompose import factorize, rank_for_ratio, whiten_cholesky
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(m, n, generator=g) * 0.02
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    H = X.T @ X / tokens  # (n, n), positive definite when tokens > n
+    start = time.process_time()
+    S = whiten_cholesky(H)
+    whitening = time.process_time() - start
+    factorize(W, rank_for_ratio(m, n, 0.4), S)
+    return dict(m=m, n=n, whitening_cpu_s=whitening, total_cpu_s=time.process_time() - start)
+
+
 def _cpu_share(layer: dict) -> float:
     """CPU seconds per wall second of a layer's turn (the machine is shared: wall > CPU time)."""
     return layer["cpu_s"] / layer["wall_s"] if "cpu_s" in layer else 1.0
@@ -279,10 +299,15 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-matrix", nargs=2, type=int, metavar=("M", "N"),
+                        help="CPU seconds of one float64 whitening decomposition of an M x N matrix")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.make:
         make_model(args.make[0], int(args.make[1]))
+        return
+    if args.probe_matrix:
+        print(json.dumps(probe_matrix(*args.probe_matrix, tokens=2 * max(args.probe_matrix))))
         return
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
