@@ -264,7 +264,7 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     return "\n".join(rows)
 
 
-def probe_matrix(m: int, n: int, tokens: int) -> dict:
+def probe_matrix(m: int, n: int) -> dict:
     """CPU seconds of one whitening decomposition of an (m, n) matrix (float64, this process)."""
     import torch
 
@@ -273,8 +273,8 @@ def probe_matrix(m: int, n: int, tokens: int) -> dict:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     W = torch.randn(m, n, generator=g) * 0.02
-    X = torch.randn(tokens, n, generator=g, dtype=torch.float64)
-    H = X.T @ X / tokens  # (n, n), positive definite when tokens > n
+    X = torch.randn(n, 64, generator=g, dtype=torch.float64)
+    H = X @ X.T / 64 + torch.eye(n, dtype=torch.float64)  # (n, n) positive definite, cheap to build
     start = time.process_time()
     S = whiten_cholesky(H)
     whitening = time.process_time() - start
@@ -307,7 +307,7 @@ def main() -> None:
         make_model(args.make[0], int(args.make[1]))
         return
     if args.probe_matrix:
-        print(json.dumps(probe_matrix(*args.probe_matrix, tokens=2 * max(args.probe_matrix))))
+        print(json.dumps(probe_matrix(*args.probe_matrix)))
         return
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
