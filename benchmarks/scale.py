@@ -181,11 +181,15 @@ def run(specs: list[dict], out: Path) -> list[dict]:
             subprocess.run(make, check=True)
         print(f"== {spec}", flush=True)
         command = [sys.executable, __file__, "--child", json.dumps(spec)]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        # glibc raises its mmap threshold after large frees, then keeps freed heap pages: peak RSS
+        # would grow with the number of matrices decomposed, not with what is alive. A fixed
+        # threshold returns every large buffer to the system when freed.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], flush=True)
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = dict(json.loads(proc.stdout.strip().splitlines()[-1]), malloc_mmap_threshold=1 << 20)
         results = [r for r in results if _key(r) != _key(result)] + [result]
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "per_layer"}), flush=True)
