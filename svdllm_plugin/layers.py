@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.offload import disable_onloading
 from torch import nn
+
+from svdllm_plugin.offload import is_offloaded, offload_like, stored, write_parameter
 
 __all__ = ["SVDLinear", "replace_module", "factorized_ranks"]
 
@@ -45,30 +48,36 @@ class SVDLinear(nn.Module):
     @property
     def pending(self) -> bool:
         """True while the layer still computes with its original dense weight."""
-        return getattr(self, "dense_weight", None) is not None
+        buffers = self._buffers
+        return getattr(buffers, "offloaded_values", buffers).get("dense_weight") is not None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int) -> "SVDLinear":
-        """A pending SVDLinear that keeps computing ``linear`` until ``set_factors``."""
-        W = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=W.device,
-            dtype=W.dtype,
-        )
-        layer.dense_weight = W.detach()
+        """A pending SVDLinear that keeps computing ``linear`` until ``set_factors``.
+
+        An offloaded ``linear`` gives an SVDLinear offloaded the same way: its dense weight is
+        the linear's stored copy (no copy, no read), its placeholder factors are offloaded.
+        """
+        W = stored(linear, "weight")  # (m, n); a meta tensor when offloaded to disk
+        device = W.device if W.device.type != "meta" else torch.device("cpu")
+        with torch.device("meta"):  # no random init of placeholder factors
+            layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype=W.dtype)
+        layer.to_empty(device=device)
+        for child in (layer.svd_u, layer.svd_v):
+            nn.init.zeros_(child.weight)
         if linear.bias is not None:
             layer.svd_u.bias.data.copy_(linear.bias.detach())
+        offload_like(layer, linear)
+        with disable_onloading():  # hand over the stored tensor itself (the offload index keys on it)
+            layer._buffers["dense_weight"] = W if is_offloaded(linear) else W.detach()
         return layer
 
     def set_factors(self, W_u: torch.Tensor, W_v: torch.Tensor) -> None:
         """Write W_u (m, k) and W_v (k, n); a new k resizes the children in place.
 
         The child modules keep their identity, so any modifier that has already bound
-        them (GPTQ's module table, a hook) still refers to the right objects.
+        them (GPTQ's module table, a hook) still refers to the right objects. Writes go
+        through the offloading API, so they reach an offloaded (CPU / disk) copy.
         """
         k = W_v.shape[0]
         if W_u.shape != (self.out_features, k) or W_v.shape != (k, self.in_features):
@@ -77,12 +86,15 @@ class SVDLinear(nn.Module):
                 f"a ({self.out_features}, {self.in_features}) layer"
             )
         resized = k != self.rank
-        ref = self.svd_v.weight
-        self.svd_v.weight = nn.Parameter(W_v.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
-        self.svd_u.weight = nn.Parameter(W_u.to(ref.dtype).to(ref.device).contiguous(), ref.requires_grad)
+        write_parameter(self.svd_v, "weight", W_v)
+        write_parameter(self.svd_u, "weight", W_u)
         self.svd_v.out_features = self.svd_u.in_features = k
         if resized:
             _reinitialize_quantization(self.svd_u, self.svd_v)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_u (m, k), W_v (k, n)) as stored now (onloaded copies when offloaded)."""
+        return self.svd_u.weight.detach(), self.svd_v.weight.detach()
 
     def activate(self) -> None:
         """Switch from the dense weight to the factors (drops the dense weight)."""

@@ -29,12 +29,12 @@ def test_loss_ordering_whitened_le_activation_scaled_le_plain():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(32, 48, generator=g, dtype=torch.float64)
     X = outlier_inputs()
-    S, S_inv = whiten_cholesky(X @ X.T)
+    S = whiten_cholesky(X @ X.T)
     s = X.abs().mean(1) ** 0.5  # ASVD abs-mean scaling, alpha 0.5
     loss = lambda f: ((W - f.W_u @ f.W_v) @ X).pow(2).sum().item()  # noqa: E731
     for k in (4, 12, 24):
-        whitened = loss(factorize(W, k, S, S_inv))
-        scaled = loss(factorize(W, k, torch.diag(s), torch.diag(1 / s)))
+        whitened = loss(factorize(W, k, S))
+        scaled = loss(factorize(W, k, s))
         plain = loss(factorize(W, k))
         assert whitened <= scaled <= plain
 
@@ -49,8 +49,8 @@ def test_refit_u_is_least_squares_optimal_on_new_inputs():
     g = torch.Generator().manual_seed(4)
     W = torch.randn(32, 48, generator=g, dtype=torch.float64)
     X, X2 = outlier_inputs(seed=1), outlier_inputs(seed=2)  # whitening data, propagated data
-    S, S_inv = whiten_cholesky(X @ X.T)
-    f = factorize(W, 10, S, S_inv)
+    S = whiten_cholesky(X @ X.T)
+    f = factorize(W, 10, S)
     W_u = refit_u(W, f.W_v, X2 @ X2.T, damp=0.0)
     before = ((W - f.W_u @ f.W_v) @ X2).pow(2).sum()
     after = ((W - W_u @ f.W_v) @ X2).pow(2).sum()

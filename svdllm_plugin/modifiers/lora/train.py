@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from svdllm_plugin.layers import SVDLinear, replace_module
+from svdllm_plugin.offload import write_parameter
 
 __all__ = ["FACTORS", "LoraSettings", "RoundResult", "factor_names", "inject", "unload", "train_round"]
 
@@ -102,11 +103,28 @@ def unload(model: nn.Module, merge: bool = True) -> int:
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     for name, module in wrapped:
         if merge:
-            module.merge(safe_merge=True)  # safe_merge raises on a NaN/inf merged weight
+            _merge(name, module)
         replace_module(model, name, module.get_base_layer())  # the original object, same identity
     if hasattr(model, "peft_config"):  # inject_adapter_in_model leaves its config on the model
         del model.peft_config
     return len(wrapped)
+
+
+@torch.no_grad()
+def _merge(name: str, module: nn.Module) -> None:
+    """W <- W + (alpha / r) B A, written through the offloading API.
+
+    peft's own ``merge`` assigns ``weight.data``: on an offloaded model that changes only a
+    temporary onloaded copy, and the merge is lost.
+    """
+    base = module.get_base_layer()
+    W = base.weight.detach()  # (out, in), onloaded
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            W = W + module.get_delta_weight(adapter).to(W.dtype)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name}: the LoRA-merged weight has NaN/inf values; lower `lr` or use float32")
+    write_parameter(base, "weight", W)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear
+from svdllm_plugin.offload import write_parameter
 
 __all__ = ["OneshotMagnitudePruningModifier", "magnitude_mask", "parse_mask_structure"]
 
@@ -141,9 +142,9 @@ class OneshotMagnitudePruningModifier(Modifier):
 
     @torch.no_grad()
     def _prune(self, name: str, linear: nn.Linear, nm: tuple[int, int] | None) -> None:
-        W = linear.weight  # (m, n)
-        mask = magnitude_mask(W, self.sparsity, nm)
-        W.masked_fill_(mask, 0.0)
+        W = linear.weight.detach()  # (m, n); an onloaded copy when offloaded
+        W = W.masked_fill(magnitude_mask(W, self.sparsity, nm), 0.0)
+        write_parameter(linear, "weight", W)  # in-place edits of an offloaded weight are lost
         zeros = int((W == 0).sum())
         self._records.append(dict(name=name, m=W.shape[0], n=W.shape[1], zeros=zeros, numel=W.numel()))
         logger.debug("{} ({}x{}): {:.1%} zero", name, W.shape[0], W.shape[1], zeros / W.numel())

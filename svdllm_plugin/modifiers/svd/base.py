@@ -43,9 +43,12 @@ from svdllm_plugin.modifiers.svd.decompose import (
     whiten_cholesky,
     whiten_eigh,
 )
+from svdllm_plugin.modifiers.svd.original import OriginalStream, decoder_layers
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
 __all__ = ["SVDLLMModifier"]
+
+LOSS_SPREAD = 0.5  # `loss` allocation: each rank stays within (1 -/+ spread) x its uniform rank
 
 Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
 
@@ -111,7 +114,9 @@ class SVDLLMModifier(Modifier):
     _kept_dense: list[str] = PrivateAttr(default_factory=list)
     _row_scale: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _original: StatisticsCollector | None = PrivateAttr(default=None)
-    _full: dict[str, Factors] = PrivateAttr(default_factory=dict)
+    _stream: OriginalStream | None = PrivateAttr(default=None)
+    _spectra: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)  # full sigma, non-uniform
+    _uniform: dict[str, int] = PrivateAttr(default_factory=dict)  # ranks before allocation
     _ratio: float = PrivateAttr(default=0.2)
     _sensitivity_cost: dict = PrivateAttr(default_factory=dict)
     _seconds: dict[str, float] = PrivateAttr(default_factory=dict)  # deferred factorizations
@@ -259,14 +264,40 @@ class SVDLLMModifier(Modifier):
         return ratio
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        names = {m: n for n, m in self._layers.items()}
+        self._collector = StatisticsCollector(names=names, want=self._wanted())
+        handles = {
+            self.register_hook(layer, self._observe, "forward_pre")
+            for layer in self._layers.values()
+            if layer.pending
+        }
         if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
+            self._start_original_stream(state, names, handles)
+
+    def _observe(self, module: nn.Module, args: tuple) -> None:
+        """Statistics hook: the original stream's rerun feeds the original-statistics collector."""
+        stream = self._stream
+        collector = self._original if stream is not None and stream.active else self._collector
+        collector(module, args)
+
+    def _start_original_stream(self, state: State, names: dict, handles: set) -> None:
+        """Carry the original model's activations beside the propagated ones (O(one layer)
+        statistics), or, for a model without known decoder layers, collect every layer's
+        original X X^T in one pass up front (O(model))."""
+        self._original = StatisticsCollector(names=names, want=frozenset({"H"}))
+        layers = decoder_layers(state.model)
+        if not layers:
+            logger.warning(
+                "closed_form_update: no decoder layers found (model._no_split_modules); collecting the "
+                "original statistics of every layer in one pass first (memory grows with the model)"
+            )
             self._original = passes.collect_statistics(state.model, self._layers, state.data.calib)
-        self._collector = StatisticsCollector(
-            names={m: n for n, m in self._layers.items()}, want=self._wanted()
-        )
-        for layer in self._layers.values():
-            if layer.pending:
-                self.register_hook(layer, self._collector, "forward_pre")
+            return
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+        self._stream = OriginalStream(quiet=lambda: HooksMixin.disable_hooks(keep=handles))
+        for layer in layers:
+            self.register_hook(layer, self._stream.pre_hook, "forward_pre", with_kwargs=True)
 
     def _wanted(self) -> frozenset:
         """Statistics the method reads: X X^T (whitening, update), |x| (ASVD), or none."""
@@ -279,7 +310,7 @@ class SVDLLMModifier(Modifier):
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._compress_ready()
         self.remove_hooks()
-        if self._full:
+        if self._spectra:
             self._allocate(state)
         missed = [name for name, layer in self._layers.items() if name not in self._done]
         if missed:
@@ -289,8 +320,10 @@ class SVDLLMModifier(Modifier):
             )
         for layer in self._layers.values():
             layer.activate()
-        self._collector = self._original = None
-        self._full = {}
+        if self._stream is not None:
+            self._stream.release()
+        self._collector = self._original = self._stream = None
+        self._spectra = {}
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._records:
@@ -321,48 +354,68 @@ class SVDLLMModifier(Modifier):
         return list(self._records)
 
     def _compress_ready(self) -> None:
-        """Decompose every pending layer whose statistics are complete (its layer ran)."""
+        """Decompose every pending layer whose statistics are complete (its layer ran), then
+        free those statistics: memory holds the statistics of one decoder layer at a time."""
         collector = self._collector
         if collector is None:
             return
         ready = [
             (n, l)
             for n, l in self._layers.items()
-            if n not in self._done and n not in self._full and collector.get(l)
+            if n not in self._done
+            and n not in self._spectra
+            and collector.get(l)
+            and (self._original is None or self._original.get(l))
         ]
-        whitened: dict[int, tuple] = {}  # one whitening per shared input
+        whitened: dict[int, torch.Tensor | None] = {}  # one whitening per shared input
         for name, layer in ready:
-            stats = collector.get(layer)
             start = time.perf_counter()
-            S, S_inv = self._weighting(self._original.get(layer) if self._original else stats, name, whitened)
-            W = layer.dense_weight  # (m, n)
-            if self.allocation != "uniform":  # ranks are chosen at calibration end
-                self._full[name] = factorize(
-                    W, _max_rank(layer), S, S_inv, self._row_scale.get(name), self.sigma
-                )
-                self._seconds[name], self._tokens[name] = time.perf_counter() - start, stats.tokens
-                continue
-            factors = factorize(W, layer.rank, S, S_inv, self._row_scale.get(name), self.sigma)
-            if self.closed_form_update:  # stats are the propagated inputs here
-                factors.W_u = refit_u(W, factors.W_v, stats.covariance())
-            layer.set_factors(factors.W_u, factors.W_v)
-            if self.activations == "propagated" or self.closed_form_update:
-                layer.activate()
-            self._record(name, layer, factors, stats.tokens, time.perf_counter() - start)
+            self._decompose(name, layer, collector.get(layer), whitened)
+            if name in self._spectra:  # non-uniform: ranks are chosen at calibration end
+                self._seconds[name] = time.perf_counter() - start
         collector.release(layer for _, layer in ready)
         if self._original is not None:
             self._original.release(layer for _, layer in ready)
 
+    def _decompose(self, name: str, layer: SVDLinear, stats, whitened: dict) -> None:
+        original = self._original.get(layer) if self._original is not None else stats
+        start = time.perf_counter()
+        S = self._weighting(original, name, whitened)
+        W = layer.dense_weight  # (m, n), onloaded
+        row_scale = self._row_scale.get(name)
+        if self.allocation != "uniform":
+            # keep only the spectrum here; the factors, capped at the largest rank the
+            # allocation may choose, go into the layer itself (offloaded with the model)
+            self._uniform[name] = layer.rank
+            factors = factorize(W, self._stored_rank(layer), S, row_scale, self.sigma)
+            layer.set_factors(factors.W_u, factors.W_v)
+            self._spectra[name], self._tokens[name] = factors.sigma.cpu(), stats.tokens
+            return
+        factors = factorize(W, layer.rank, S, row_scale, self.sigma)
+        if self.closed_form_update:  # stats are the propagated inputs here
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        layer.set_factors(factors.W_u, factors.W_v)
+        if self.activations == "propagated" or self.closed_form_update:
+            layer.activate()
+        self._record(name, layer, factors, stats.tokens, time.perf_counter() - start)
+
+    def _stored_rank(self, layer: SVDLinear) -> int:
+        """The largest rank the allocation can give this layer (what is kept until it runs)."""
+        if self.allocation == "loss":
+            return min(_max_rank(layer), max(layer.rank, int(layer.rank * (1 + LOSS_SPREAD))))
+        return _max_rank(layer)
+
     def _allocate(self, state: State) -> None:
-        """Choose all ranks at once from the full spectra, then truncate the stored factors."""
+        """Choose all ranks at once from the spectra, then truncate the stored factors, one
+        layer at a time."""
         matrices = [
-            Matrix(n, self._layers[n].out_features, self._layers[n].in_features, f.sigma)
-            for n, f in self._full.items()
+            Matrix(n, self._layers[n].out_features, self._layers[n].in_features, sigma)
+            for n, sigma in self._spectra.items()
         ]
-        uniform = {n: self._layers[n].rank for n in self._full}
+        uniform = {n: self._uniform[n] for n in self._spectra}
         start = time.perf_counter()
         if self.allocation == "loss":
-            ranks = allocate_by_loss(matrices, uniform, self.rank_multiple)
+            ranks = allocate_by_loss(matrices, uniform, self.rank_multiple, LOSS_SPREAD)
         else:
             target = sum(m.m * m.n - uniform[m.name] * (m.m + m.n) for m in matrices)
             ranks = allocate_by_sensitivity(matrices, self._sensitivity(state), target, self.rank_multiple)
@@ -372,9 +425,11 @@ class SVDLLMModifier(Modifier):
             len(ranks),
             time.perf_counter() - start,
         )
-        for name, full in self._full.items():
-            k, layer = ranks[name], self._layers[name]
-            factors = Factors(full.W_u[:, :k], full.W_v[:k], full.sigma, truncation_loss(full.sigma, k))
+        for name, sigma in self._spectra.items():
+            layer = self._layers[name]
+            k = min(ranks[name], layer.rank)
+            W_u, W_v = layer.factors()
+            factors = Factors(W_u[:, :k], W_v[:k], sigma, truncation_loss(sigma, k))
             layer.set_factors(factors.W_u, factors.W_v)
             self._record(name, layer, factors, self._tokens.get(name, 0), self._seconds.get(name, 0.0))
 
@@ -387,21 +442,23 @@ class SVDLLMModifier(Modifier):
         start = time.perf_counter()
         base = passes.calibration_loss(model, batches)
         ppl: dict[str, dict[float, float]] = {}
-        for name, full in tqdm(self._full.items(), desc="Sensitivity"):
+        for name in tqdm(list(self._spectra), desc="Sensitivity"):
             layer = self._layers[name]
+            W_u, W_v = layer.factors()  # stored at the largest rank: one layer in memory at a time
             ppl[name] = {}
             for ratio in self.sensitivity_ratios:
                 k = min(
                     rank_for_ratio(layer.out_features, layer.in_features, ratio, self.rank_multiple),
-                    _max_rank(layer),
+                    layer.rank,
                 )
-                W_k = (full.W_u[:, :k] @ full.W_v[:k]).to(layer.dense_weight.dtype)  # (m, n)
+                W_k = W_u[:, :k] @ W_v[:k]  # (m, n)
                 with passes.replaced_output(layer, W_k):
                     ppl[name][ratio] = passes.safe_exp(passes.calibration_loss(model, batches))
+            del W_u, W_v
         seconds = time.perf_counter() - start
         self._sensitivity_cost = dict(
             seconds=seconds,
-            evaluations=len(self._full) * len(self.sensitivity_ratios),
+            evaluations=len(self._spectra) * len(self.sensitivity_ratios),
             batches=len(batches),
             base_ppl=passes.safe_exp(base),
         )
@@ -414,12 +471,15 @@ class SVDLLMModifier(Modifier):
         )
         return ppl
 
-    def _weighting(self, stats, name: str, cache: dict) -> tuple:
-        """(S, S^{-1}) of the method; cached per statistics object (shared inputs)."""
+    def _weighting(self, stats, name: str, cache: dict) -> torch.Tensor | None:
+        """The right weighting S of the method (S S^T = X X^T, or ASVD's diagonal as a vector);
+        cached per statistics object (shared inputs). Only the latest is kept: modules that share
+        an input come one after another, and one n x n float64 S at a time is what memory allows."""
         key = id(stats)
         if key not in cache:
+            cache.clear()
             if self.method in ("svd", "fwsvd"):  # FWSVD weights rows, not inputs
-                cache[key] = (None, None)
+                cache[key] = None
             elif self.method == "asvd":
                 stat = (
                     stats.abs_sum / max(stats.tokens, 1)
@@ -427,7 +487,7 @@ class SVDLLMModifier(Modifier):
                     else stats.abs_max
                 )
                 s = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
-                cache[key] = (torch.diag(s), torch.diag(1.0 / s))
+                cache[key] = s
             elif self.whitening == "eigh":
                 cache[key] = whiten_eigh(stats.covariance())
             else:

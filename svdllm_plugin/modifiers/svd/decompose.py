@@ -3,7 +3,7 @@
 Notation follows ../ALGORITHMS.md: a Linear y = W x with W (m, n); calibration inputs
 X (n, tokens); H = X X^T (n, n). A whitening S (n, n) with S S^T = H makes S^{-1} X
 orthonormal, so for the SVD  W S = U Sigma V^T  and the rank-k truncation
-W' = U_k Sigma_k V_k^T S^{-1}:
+W' = U_k Sigma_k V_k^T S^{-1} (= U_k U_k^T W, computed without any inverse):
 
     ||(W - W') X||_F^2 = sum_{i > k} sigma_i^2
 
@@ -58,84 +58,115 @@ def saves_parameters(m: int, n: int, k: int) -> bool:
     return k * (m + n) < m * n
 
 
-def whiten_cholesky(H: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM whitening: lower Cholesky factor S of H and its inverse, in float64.
+def whiten_cholesky(H: torch.Tensor, name: str = "") -> torch.Tensor:
+    """SVD-LLM whitening: the lower Cholesky factor S of H (S S^T = H), in float64.
 
-    When H is not positive definite (a dead input channel, too few tokens) the diagonal
-    is raised by (-lambda_min + eps) and the factorization retried, as the reference code
-    does; the fallback is logged. Use ``whiten_eigh`` to avoid the shift altogether.
+    When H is not positive definite (a dead input channel, fewer tokens than channels) the
+    diagonal is raised, as the reference code does, and the fallback is logged: first by
+    eps = 1e-6 x mean(diag H) (enough when H is only singular: its negative eigenvalues are
+    rounding), then by (-lambda_min + eps). If Cholesky still fails (ill-conditioned beyond
+    float64), the eigendecomposition whitening of ``whiten_eigh`` is used, with a warning.
+    No inverse of S is ever formed: ``factorize`` needs none.
     """
     H = H.to(torch.float64)
     S, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        lambda_min = torch.linalg.eigvalsh(H)[0].item()
-        eps = 1e-6 * max(H.diagonal().abs().mean().item(), 1e-12)
-        shift = -lambda_min + eps if lambda_min <= 0 else eps
+    if info.item() == 0:
+        return S
+    label = name or "module"
+    eps = 1e-6 * max(H.diagonal().abs().mean().item(), 1e-12)
+    S, info = torch.linalg.cholesky_ex(_shifted(H, eps))
+    if info.item() == 0:
         logger.warning(
-            "{}: X X^T is not positive definite (lambda_min={:.3e}); adding {:.3e} I "
-            "(whitening='eigh' needs no shift)",
-            name or "module",
-            lambda_min,
-            shift,
+            "{}: X X^T is not positive definite; adding {:.3e} I (whitening='eigh' needs no shift)",
+            label,
+            eps,
         )
-        H = H + shift * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        S = torch.linalg.cholesky(H)
-    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    S_inv = torch.linalg.solve_triangular(S, eye, upper=False)
-    return S, S_inv
+        return S
+    lambda_min = torch.linalg.eigvalsh(H)[0].item()
+    shift = -lambda_min + eps if lambda_min <= 0 else eps
+    logger.warning(
+        "{}: X X^T is not positive definite (lambda_min={:.3e}); adding {:.3e} I "
+        "(whitening='eigh' needs no shift)",
+        label,
+        lambda_min,
+        shift,
+    )
+    S, info = torch.linalg.cholesky_ex(_shifted(H, shift))
+    if info.item() == 0:
+        return S
+    logger.warning(
+        "{}: Cholesky failed again after the shift (X X^T too ill-conditioned); using the "
+        "eigendecomposition whitening (whitening='eigh') for this module",
+        label,
+    )
+    return whiten_eigh(H)
 
 
-def whiten_eigh(H: torch.Tensor, rtol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM V2 whitening: H = Q Lambda Q^T, S = Q Lambda^{1/2}, S^+ = Lambda^{-1/2} Q^T.
+def _shifted(H: torch.Tensor, shift: float) -> torch.Tensor:
+    H = H.clone()
+    H.diagonal().add_(shift)
+    return H
 
-    Eigenvalues below ``rtol * lambda_max`` are directions the data never visits: their
-    inverse is set to 0 (a pseudo-inverse), so exactly singular statistics need no shift.
+
+def whiten_eigh(H: torch.Tensor) -> torch.Tensor:
+    """SVD-LLM V2 whitening: H = Q Lambda Q^T, S = Q Lambda^{1/2} (S S^T = H), in float64.
+
+    Negative eigenvalues (rounding on singular statistics) are clamped to 0: directions the
+    data never visits get a zero column, so exactly singular statistics need no shift.
     """
     H = H.to(torch.float64)
     lam, Q = torch.linalg.eigh(H)  # ascending, (n,), (n, n)
-    keep = lam > rtol * lam[-1].clamp_min(torch.finfo(lam.dtype).tiny)
-    root = lam.clamp_min(0).sqrt()
-    inv_root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(root))
-    S = Q * root  # (n, n)
-    S_inv = inv_root[:, None] * Q.T  # (n, n)
-    return S, S_inv
+    return Q * lam.clamp_min(0).sqrt()  # (n, n)
 
 
 def factorize(
     W: torch.Tensor,
     k: int,
     S: torch.Tensor | None = None,
-    S_inv: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     sigma_on: str = "split",
 ) -> Factors:
     """Rank-k factors of W after weighting: SVD of diag(row_scale) W S, weights undone.
 
-    S / S_inv (n, n): right weighting (whitening, or ASVD's diag(s)); None is identity.
-    row_scale (m,): left weighting (FWSVD's sqrt of Fisher row importance); None is ones.
-    sigma_on: "split" puts Sigma^{1/2} on both factors, "u" or "v" puts all of Sigma there.
-    Computed in float64; returned in float64.
+    S: right weighting, (n, n) (whitening, S S^T = H) or (n,) for a diagonal (ASVD's
+    scales); None is identity. row_scale (m,): left weighting (FWSVD's sqrt of Fisher row
+    importance); None is ones. sigma_on: "split" puts Sigma^{1/2} on both factors, "u" or
+    "v" puts all of Sigma there. Computed in float64; returned in float64.
+
+    No inverse of S: from A = diag(r) W S = U Sigma V^T, V_k^T S^{-1} = Sigma_k^{-1} U_k^T diag(r) W,
+    so W_v = right_k V_k^T S^{-1} = (right_k / Sigma_k) U_k^T diag(r) W, with right_k the part
+    of Sigma_k that goes to W_v (Sigma^{1/2}, 1 or Sigma).
     """
-    W = W.to(torch.float64)  # (m, n)
-    A = W if S is None else W @ S.to(torch.float64)
-    if row_scale is not None:
-        A = row_scale.to(torch.float64)[:, None] * A
-    U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)  # (m, r), (r,), (r, n)
-    U_k, sigma_k, Vh_k = U[:, :k], sigma[:k], Vh[:k]
-    if sigma_on == "split":
-        left, right = sigma_k.sqrt(), sigma_k.sqrt()
-    elif sigma_on == "u":
-        left, right = sigma_k, torch.ones_like(sigma_k)
-    elif sigma_on == "v":
-        left, right = torch.ones_like(sigma_k), sigma_k
-    else:
+    if sigma_on not in ("split", "u", "v"):
         raise ValueError(f"sigma_on must be 'split', 'u' or 'v'; got {sigma_on!r}")
+    W = W.to(torch.float64)  # (m, n)
+    if row_scale is not None:
+        W_r = row_scale.to(torch.float64)[:, None] * W  # (m, n)
+    else:
+        W_r = W
+    if S is None:
+        A = W_r
+    elif S.dim() == 1:
+        A = W_r * S.to(torch.float64)  # W diag(s)
+    else:
+        A = W_r @ S.to(torch.float64)
+    U, sigma, Vh = torch.linalg.svd(A, full_matrices=False)  # (m, r), (r,), (r, n)
+    del A, Vh
+    U_k, sigma_k = U[:, :k], sigma[:k]
+    left = {"split": sigma_k.sqrt(), "u": sigma_k, "v": torch.ones_like(sigma_k)}[sigma_on]
+    # right / sigma, with components of zero singular value dropped (they carry nothing)
+    tiny = sigma[0].clamp_min(1e-300) * torch.finfo(torch.float64).eps if sigma.numel() else 0.0
+    alive = sigma_k > tiny
+    safe = torch.where(alive, sigma_k, torch.ones_like(sigma_k))
+    right_over_sigma = {
+        "split": safe.rsqrt(),
+        "u": 1.0 / safe,
+        "v": torch.ones_like(sigma_k),
+    }[sigma_on] * alive
     W_u = U_k * left  # (m, k)
-    W_v = right[:, None] * Vh_k  # (k, n)
+    W_v = right_over_sigma[:, None] * (U_k.T @ W_r)  # (k, n)
     if row_scale is not None:
         W_u = W_u / row_scale.to(torch.float64)[:, None]
-    if S_inv is not None:
-        W_v = W_v @ S_inv.to(torch.float64)
     return Factors(W_u=W_u, W_v=W_v, sigma=sigma, loss=truncation_loss(sigma, k))
 
 

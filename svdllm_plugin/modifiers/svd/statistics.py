@@ -30,9 +30,9 @@ class InputStatistics:
 
     def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
         """Accumulate only what the method reads: X X^T costs n/m times the layer's own matmul."""
-        X = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, n)
-        if "H" in want:
-            self.H += (X.T @ X).to(torch.float64)
+        X = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
+        if "H" in want:  # in float64 per batch: a float32 X^T X loses digits before the sum
+            self.H.addmm_(X.T, X)
         if "abs" in want:
             self.abs_sum += X.abs().sum(0).to(torch.float64)
             self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
