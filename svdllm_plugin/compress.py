@@ -161,8 +161,10 @@ def compress(
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
     from svdllm_plugin.models import load_model_and_tokenizer, resolve_model_path
+    from svdllm_plugin.modifiers.svd import distributed
 
     start = time.perf_counter()
+    distributed.init_process_group()  # under torchrun: one process per device
     check_output_dir(output, overwrite)
     recipe_text, modifiers = load_recipe(recipe)
     path = resolve_model_path(model)
@@ -170,6 +172,7 @@ def compress(
 
     model_obj, tokenizer = load_model_and_tokenizer(path)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
+    calib = distributed.rank_partition(calib)  # this rank's share under torchrun
     windows = make_windows(tokenizer, eval_text, seq_len, eval_windows) if eval_windows else None
     report = CompressionReport(model=model, output=str(output))
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
@@ -184,7 +187,7 @@ def compress(
         processor=tokenizer,
         dataset=calib,
         recipe=recipe_text,
-        num_calibration_samples=num_samples,
+        num_calibration_samples=len(calib),
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
     )
@@ -195,7 +198,8 @@ def compress(
         model_obj
     )
     report.modules = sum(isinstance(m, SVDLinear) for m in model_obj.modules())
-    save_pretrained(
+    distributed.save_on_source(  # rank 0 writes; the others take part in llmcompressor's barriers
+        save_pretrained,
         model_obj,
         output,
         tokenizer,
