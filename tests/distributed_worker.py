@@ -33,8 +33,11 @@ def main(model_dir: str, out_dir: str, cases: dict[str, dict]) -> None:
     for key, settings in cases.items():
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         modifier = SVDLLMModifier(**settings)
-        oneshot(model=model, dataset=calib, recipe=modifier, num_calibration_samples=len(calib), max_seq_length=32)
-        products = {n: m.dense().detach().clone() for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+        oneshot(
+            model=model, dataset=calib, recipe=modifier, num_calibration_samples=len(calib), max_seq_length=32
+        )
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, SVDLinear)}
+        products = {n: m.dense().detach().clone() for n, m in layers.items()}
         torch.save(
             {"products": products, "records": modifier.records, "samples": len(calib)},
             f"{out_dir}/{key}-rank{dist.get_rank()}.pt",

@@ -24,7 +24,12 @@ CASES = {  # one statistic or reduction each: X X^T, |x| max, Fisher sums, two p
     "fwsvd": {"ratio": 0.3, "method": "fwsvd"},
     "update": {"ratio": 0.3, "closed_form_update": True},
     "loss": {"ratio": 0.3, "allocation": "loss"},
-    "sensitivity": {"ratio": 0.3, "allocation": "sensitivity", "sensitivity_batches": 8},
+    "sensitivity": {
+        "ratio": 0.3,
+        "allocation": "sensitivity",
+        "sensitivity_batches": 8,
+        "sensitivity_ratios": [0.3, 0.6],
+    },
 }
 
 
@@ -39,7 +44,7 @@ def two_ranks(tiny_dir, tmp_path_factory) -> Path:
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [str(ROOT / "tests" / "distributed_worker.py"), str(tiny_dir), str(out), json.dumps(CASES)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"torchrun failed:\n{(done.stdout + done.stderr)[-4000:]}"
     return out
 
