@@ -220,8 +220,12 @@ def compress(
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     recipe_text, modifiers = load_recipe(recipe)
 
+    from svdllm_plugin.modifiers.svd import distributed
+
+    distributed.init_process_group()  # under torchrun: one process per device
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
+    calib = distributed.rank_partition(calib)  # this rank's share under torchrun
     windows = None
     if eval_windows:
         windows = make_windows(tokenizer, eval_text, seq_len, eval_windows, option="--eval-windows")
@@ -239,7 +243,7 @@ def compress(
         processor=tokenizer,
         dataset=calib,
         recipe=recipe_text,
-        num_calibration_samples=num_samples,
+        num_calibration_samples=len(calib),
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
     )
@@ -250,12 +254,15 @@ def compress(
         model_obj
     )
     report.modules = sum(isinstance(m, SVDLinear) for m in model_obj.modules())
-    save_pretrained(
+    distributed.save_on_source(  # rank 0 writes; the others take part in llmcompressor's barriers
+        save_pretrained,
         model_obj,
         output,
         tokenizer,
         overwrite=overwrite,
         extra={"ppl_before": report.ppl_before, "ppl_after": report.ppl_after},
+        recipe=recipe_text,
+        base_model=model,
     )
     report.seconds = time.perf_counter() - start
     report.peak_memory_gib = peak_memory_gib()

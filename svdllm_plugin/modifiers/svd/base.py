@@ -31,7 +31,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, replace_module
-from svdllm_plugin.modifiers.svd import passes
+from svdllm_plugin.modifiers.svd import distributed, passes
 from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_by_loss, allocate_by_sensitivity
 from svdllm_plugin.modifiers.svd.decompose import (
     Factors,
@@ -215,6 +215,7 @@ class SVDLLMModifier(Modifier):
         self._ratio = self._resolve_ratio(model, matched)
         if self.method == "fwsvd":
             fisher = passes.fisher_row_importance(model, dict(matched), state.data.calib, self.fisher_batches)
+            fisher = distributed.sum_over_ranks(fisher)
             self._row_scale = {
                 name: I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt() for name, I in fisher.items()
             }
@@ -368,36 +369,49 @@ class SVDLLMModifier(Modifier):
             and (self._original is None or self._original.get(l))
         ]
         whitened: dict[int, torch.Tensor | None] = {}  # one whitening per shared input
+        jobs = {name: (tuple(layer.dense_weight.shape), self._statistics_of(layer)) for name, layer in ready}
+        results = distributed.decompose_on_owners(  # a plain loop unless under torchrun
+            jobs, self._wanted(), lambda name: self._factors(name, whitened)
+        )
         for name, layer in ready:
-            start = time.perf_counter()
-            self._decompose(name, layer, collector.get(layer), whitened)
-            if name in self._spectra:  # non-uniform: ranks are chosen at calibration end
-                self._seconds[name] = time.perf_counter() - start
+            self._apply(name, layer, *results[name], collector.get(layer).tokens)
         collector.release(layer for _, layer in ready)
         if self._original is not None:
             self._original.release(layer for _, layer in ready)
 
-    def _decompose(self, name: str, layer: SVDLinear, stats, whitened: dict) -> None:
+    def _statistics_of(self, layer: SVDLinear) -> list:
+        """The statistics ``_factors`` reads, the layer's input group first."""
+        stats = [self._collector.get(layer)]
+        return stats + ([self._original.get(layer)] if self._original is not None else [])
+
+    def _factors(self, name: str, whitened: dict) -> tuple[Factors, float]:
+        """(factors, seconds) of one pending layer; under torchrun only its owner rank runs this."""
+        layer = self._layers[name]
+        stats = self._collector.get(layer)
         original = self._original.get(layer) if self._original is not None else stats
         start = time.perf_counter()
         S = self._weighting(original, name, whitened)
         W = layer.dense_weight  # (m, n), onloaded
-        row_scale = self._row_scale.get(name)
+        k = layer.rank if self.allocation == "uniform" else self._stored_rank(layer)
+        factors = factorize(W, k, S, self._row_scale.get(name), self.sigma)
+        if self.closed_form_update:  # stats are the propagated inputs here
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        return factors, time.perf_counter() - start
+
+    def _apply(self, name: str, layer: SVDLinear, factors: Factors, seconds: float, tokens: int) -> None:
+        """Write the factors into the layer (every rank) and record them."""
         if self.allocation != "uniform":
             # keep only the spectrum here; the factors, capped at the largest rank the
             # allocation may choose, go into the layer itself (offloaded with the model)
             self._uniform[name] = layer.rank
-            factors = factorize(W, self._stored_rank(layer), S, row_scale, self.sigma)
             layer.set_factors(factors.W_u, factors.W_v)
-            self._spectra[name], self._tokens[name] = factors.sigma.cpu(), stats.tokens
+            self._spectra[name], self._tokens[name] = factors.sigma.cpu(), tokens
+            self._seconds[name] = seconds  # non-uniform: ranks are chosen at calibration end
             return
-        factors = factorize(W, layer.rank, S, row_scale, self.sigma)
-        if self.closed_form_update:  # stats are the propagated inputs here
-            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
         layer.set_factors(factors.W_u, factors.W_v)
         if self.activations == "propagated" or self.closed_form_update:
             layer.activate()
-        self._record(name, layer, factors, stats.tokens, time.perf_counter() - start)
+        self._record(name, layer, factors, tokens, seconds)
 
     def _stored_rank(self, layer: SVDLinear) -> int:
         """The largest rank the allocation can give this layer (what is kept until it runs)."""

@@ -14,6 +14,7 @@ from compressed_tensors.offload import disable_onloading
 from torch import nn
 from tqdm import tqdm
 
+from svdllm_plugin.modifiers.svd import distributed
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
 __all__ = ["fisher_row_importance", "collect_statistics", "calibration_loss"]
@@ -108,7 +109,7 @@ def calibration_loss(model: nn.Module, batches: list[dict]) -> float:
         logits = F.linear(hidden, head.weight, head.bias).float()  # (b, t, vocab)
         labels = batch["input_ids"][:, 1:]
         total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten()))
-    return total / max(len(batches), 1)
+    return distributed.mean_over_ranks(total / max(len(batches), 1), len(batches))
 
 
 def perplexity_batches(model: nn.Module, dataloader, limit: int) -> list[dict]:
