@@ -389,7 +389,7 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()} CPU, torch threads: {torch.get_num_threads()}"
 
 
 # ---- output -----------------------------------------------------------------------------------
