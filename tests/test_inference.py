@@ -120,7 +120,7 @@ def test_latent_cache_crop(tiny_svd):
 def test_prepare_for_inference_fuses_only_factorized(tiny_factory, tiny_svd):
     from svdllm_plugin.inference import prepare_for_inference
 
-    dense = prepare_for_inference(tiny_factory())
+    dense = prepare_for_inference(tiny_factory(), fuse=None)
     assert not getattr(dense, "_svdllm_fused_groups", 0)
-    model = prepare_for_inference(tiny_svd, latent_kv_cache=True)
+    model = prepare_for_inference(tiny_svd, fuse=None, latent_kv_cache=True)
     assert model._svdllm_fused_groups == 4 and callable(model._svdllm_latent_cache)
