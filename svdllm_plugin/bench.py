@@ -37,8 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument(
         "--fuse",
         choices=["auto", "on", "off"],
-        default="auto",
-        help="one GEMM for the factors of q/k/v and gate/up (auto: on for factorized models)",
+        default="off",
+        help="one GEMM for the factors of q/k/v and gate/up (auto: on for factorized models; "
+        "off by default: it measured within noise of unfused)",
     )
     b.add_argument(
         "--latent-cache", action="store_true", help="cache svd_v(x) of factorized k/v instead of K and V"
@@ -95,7 +96,7 @@ class Variant:
 
 
 def load_variant(
-    path: str, name: str | None = None, fuse: str = "auto", latent_cache: bool = False, device="cpu"
+    path: str, name: str | None = None, fuse: str = "off", latent_cache: bool = False, device="cpu"
 ):
     """Load ``path`` with ``load_model_and_tokenizer`` and apply the runtime options."""
     from svdllm_plugin.inference import prepare_for_inference
@@ -389,7 +390,7 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()} CPU, torch threads: {torch.get_num_threads()}"
 
 
 # ---- output -----------------------------------------------------------------------------------

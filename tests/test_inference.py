@@ -49,6 +49,10 @@ def greedy(model, prompt, steps, cache):
 def test_latent_cache_greedy_is_exact(tiny_factory, fold_values):
     """256 greedy tokens with the latent cache: same tokens, same logits (fp32 rounding) as DynamicCache."""
     tiny_svd = factorize(tiny_factory(attention_bias=True))  # biases ride on svd_u: folded V adds them after
+    with torch.no_grad():
+        for name, param in tiny_svd.named_parameters():
+            if name.endswith("svd_u.bias"):  # initialized to zero: make them count
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     prompt = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     ref_tokens, ref_logits = greedy(tiny_svd, prompt, 256, DynamicCache())
     model, make_cache = enable_latent_kv_cache(tiny_svd, fold_values=fold_values)
@@ -120,7 +124,7 @@ def test_latent_cache_crop(tiny_svd):
 def test_prepare_for_inference_fuses_only_factorized(tiny_factory, tiny_svd):
     from svdllm_plugin.inference import prepare_for_inference
 
-    dense = prepare_for_inference(tiny_factory())
+    dense = prepare_for_inference(tiny_factory(), fuse=None)
     assert not getattr(dense, "_svdllm_fused_groups", 0)
-    model = prepare_for_inference(tiny_svd, latent_kv_cache=True)
+    model = prepare_for_inference(tiny_svd, fuse=None, latent_kv_cache=True)
     assert model._svdllm_fused_groups == 4 and callable(model._svdllm_latent_cache)

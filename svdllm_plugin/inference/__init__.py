@@ -30,11 +30,12 @@ __all__ = [
 ]
 
 
-def prepare_for_inference(model, fuse: bool | None = None, latent_kv_cache: bool = False):
+def prepare_for_inference(model, fuse: bool | None = False, latent_kv_cache: bool = False):
     """Apply the runtime options to a loaded model, in place; returns it.
 
-    :param fuse: one GEMM per shared-input group; ``None`` (default) fuses when the model has
-        factorized layers (measured faster on CPU, see the README's Inference section).
+    :param fuse: one GEMM per shared-input group; ``None`` fuses when the model has factorized
+        layers. Off by default: measured within noise of unfused on CPU and on an H200
+        (README, Inference section).
     :param latent_kv_cache: ``model.generate`` caches ``svd_v(x)`` of factorized k/v; the
         cache factory is ``model._svdllm_latent_cache``.
     """

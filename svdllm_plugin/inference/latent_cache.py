@@ -133,7 +133,7 @@ def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True, fold_v
         @functools.wraps(generate)
         def generate_with_latent_cache(*args, **kwargs):
             if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-                kwargs["past_key_values"] = make_cache()
+                kwargs["past_key_values"] = model._svdllm_latent_cache()  # the latest enable's options
             return generate(*args, **kwargs)
 
         model.generate = generate_with_latent_cache
