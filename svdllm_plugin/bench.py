@@ -534,7 +534,7 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(args) -> int:
+def run(args) -> str:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -552,10 +552,8 @@ def run(args) -> int:
     if too_long:
         raise ValueError(f"lengths {too_long} (+ --decode-tokens) exceed max_position_embeddings={limit}")
     results = benchmark(variants, shapes, contexts, args.decode_tokens, args.repeats, args.warmup, device)
-    print(format_table(results))
     if args.plot:
         plot(results, args.plot)
-        print(f"plot written to {args.plot}")
-    if args.json:
-        print(json.dumps(results))
-    return 0
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    # the CLI prints what run returns on stdout (logs go to stderr): the JSON alone with --json
+    return json.dumps(results) if args.json else format_table(results)

@@ -154,6 +154,9 @@ def _check_causal_lm(name: str, config: dict) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
 
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    record = config.get("svdllm") or {}
+    if model_type == "svdllm" and record.get("base_model_type"):  # a compressed folder: judge its base
+        model_type, architectures = record["base_model_type"], record.get("base_architectures") or []
     causal_classes = set(causal.values())
     what = f"model {name} (model_type {model_type!r}, architectures {architectures})"
     if model_type not in causal or config.get("is_encoder_decoder"):
@@ -206,10 +209,12 @@ def _check_ranks(name: str, path: str, ranks: dict) -> None:
     """Every module that config.json's ``svdllm.ranks`` names must be a Linear of the model."""
     import torch
     from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from svdllm_plugin.checkpoint.format import base_config
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_config(base_config(path))
     modules = dict(model.named_modules())
     for module, k in ranks.items():
         if not isinstance(modules.get(module), nn.Linear):

@@ -36,3 +36,30 @@ def saved_and_reloaded(model: nn.Module, folder: Path, tokenizer) -> nn.Module:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+FACTORIZED = ("q_proj", "o_proj", "up_proj", "down_proj")
+RANK = 64  # a multiple of the group size, so svd_u's input splits into whole groups
+
+
+def factor_model(tiny_factory, tokenizer, folder: Path) -> nn.Module:
+    """The hidden-128 tiny Llama, saved to ``folder`` and reloaded, with FACTORIZED as SVDLinear."""
+    return factorize(saved_and_reloaded(tiny_factory(hidden=128), folder, tokenizer), RANK, FACTORIZED)
+
+
+def factorize_ratio(model: nn.Module, ratio: float = 0.4, keep_dense: tuple[str, ...] = ()) -> nn.Module:
+    """Plain truncated SVD of every decoder Linear at ``ratio`` (no calibration: runtime tests
+    only need the shapes); names ending with ``keep_dense`` stay dense."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    for name in names:
+        if any(name.endswith(k) for k in keep_dense):
+            continue
+        linear = model.get_submodule(name)
+        m, n = linear.weight.shape
+        k = int(m * n * (1 - ratio) / (m + n))
+        U, S, Vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+        layer = SVDLinear.from_linear(linear, k)
+        layer.set_factors(U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * Vh[:k])
+        layer.activate()
+        replace_module(model, name, layer)
+    return model.eval()

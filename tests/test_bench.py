@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from factor_helpers import factorize_ratio as factorize
 
 from svdllm_plugin.checkpoint import save_pretrained
+from svdllm_plugin.bench import format_table
 from svdllm_plugin.cli import main
-from tests.test_inference import factorize
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def test_bench_smoke(tiny_dir, tiny_svd_dir, tmp_path, capsys):
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert "decode @32 tok/s" in out and "FLOP ratio" in out and "KV cache bytes/token" in out
-    results = json.loads(out.strip().splitlines()[-1])
+    results = json.loads(capsys.readouterr().out)  # with --json, stdout is the JSON alone
+    table = format_table(results)
+    assert "decode @32 tok/s" in table and "FLOP ratio" in table and "KV cache bytes/token" in table
     assert [len(r["per_model"]) for r in results["prefill"]] == [2, 2]
     base, svd = results["decode"][1]["per_model"]
     assert svd["kv_bytes_per_token"] < 0.7 * base["kv_bytes_per_token"]  # latent cache

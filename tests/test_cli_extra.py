@@ -46,12 +46,17 @@ def _reference_generation(folder, max_new_tokens: int) -> str:
     from svdllm_plugin.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
-        out = model.generate(**chat, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **chat, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    return tokenizer.decode(out[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("folder", ["svd_folder", "w4_folder"])

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_quantized import factor_model
+from factor_helpers import factor_model
 
 from svdllm_plugin.checkpoint import read_safetensors
 from svdllm_plugin.export import (
@@ -118,8 +118,9 @@ def quantized_model(tmp_path_factory, tiny_factory, tokenizer, calib):
 
     model = factor_model(tiny_factory, tokenizer, tmp_path_factory.mktemp("dense"))
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                          ignore=["re:.*lm_head"])
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["re:.*lm_head"]
+    )
     return run_oneshot(model, calib, recipe)
 
 
@@ -130,9 +131,17 @@ def test_export_round_trip(quantized_model, tmp_path):
     assert files == ["config.json", "model.safetensors", "quantize_config.json"]
     quantize_config = json.loads((folder / "quantize_config.json").read_text())
     assert quantize_config | {"damp_percent": None} == {
-        "bits": 4, "group_size": 64, "damp_percent": None, "desc_act": False, "static_groups": False,
-        "sym": True, "true_sequential": False, "model_name_or_path": None, "model_file_base_name": "model",
-        "quant_method": "gptq", "checkpoint_format": "gptq",
+        "bits": 4,
+        "group_size": 64,
+        "damp_percent": None,
+        "desc_act": False,
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": False,
+        "model_name_or_path": None,
+        "model_file_base_name": "model",
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
     }
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"] == quantize_config

@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factor_helpers import factorize_ratio as factorize
 from transformers import DynamicCache
 
 from svdllm_plugin.inference import cache_nbytes, enable_latent_kv_cache, fuse_shared_inputs
-from svdllm_plugin.layers import SVDLinear, replace_module
-
-
-def factorize(model, ratio: float = 0.4, keep_dense: tuple[str, ...] = ()):
-    """Plain truncated SVD of every decoder Linear (no calibration: the runtime only needs the shapes)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    for name in names:
-        if any(name.endswith(k) for k in keep_dense):
-            continue
-        linear = model.get_submodule(name)
-        m, n = linear.weight.shape
-        k = int(m * n * (1 - ratio) / (m + n))
-        U, S, Vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
-        layer = SVDLinear.from_linear(linear, k)
-        layer.set_factors(U[:, :k] * S[:k].sqrt(), S[:k].sqrt()[:, None] * Vh[:k])
-        layer.activate()
-        replace_module(model, name, layer)
-    return model.eval()
 
 
 @pytest.fixture

@@ -22,10 +22,6 @@ SEQ_LEN = 32
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps in the sun. " * 300
 
 
-
-
-
-
 @pytest.fixture
 def text_file(tmp_path) -> str:
     path = tmp_path / "text.txt"
@@ -49,8 +45,13 @@ def _factorize(model: nn.Module, rank: int = RANK, activate: bool = True) -> lis
 
 def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -135,8 +136,17 @@ def _run(modifier: SequentialLoRAModifier, model: nn.Module) -> None:
 
 def _modifier(text_file: str, **kwargs) -> SequentialLoRAModifier:
     settings = dict(
-        r=4, alpha=8, dropout=0.0, lr=1e-2, steps=8, batch_size=2, num_samples=8, seq_len=SEQ_LEN,
-        dataset=text_file, tokenizer=resolve_model_path("smollm2-135m"), eval_windows=2,
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        lr=1e-2,
+        steps=8,
+        batch_size=2,
+        num_samples=8,
+        seq_len=SEQ_LEN,
+        dataset=text_file,
+        tokenizer=resolve_model_path("smollm2-135m"),
+        eval_windows=2,
     )
     return SequentialLoRAModifier(**{**settings, **kwargs})
 
@@ -252,8 +262,14 @@ def _oneshot(tokenizer, text_file: str, folder: Path, **kwargs) -> nn.Module:
     tokenizer.save_pretrained(folder)
     model.config.name_or_path = str(folder)  # oneshot and the modifier's tokenizer read it
     calibration = calibration_dataset(tokenizer, TEXT, num_samples=4, seq_len=SEQ_LEN)
-    oneshot(model=model, recipe=RECIPE.format(dataset=text_file), dataset=calibration,
-            num_calibration_samples=4, max_seq_length=SEQ_LEN, **kwargs)
+    oneshot(
+        model=model,
+        recipe=RECIPE.format(dataset=text_file),
+        dataset=calibration,
+        num_calibration_samples=4,
+        max_seq_length=SEQ_LEN,
+        **kwargs,
+    )
     return model
 
 
@@ -263,7 +279,6 @@ def test_oneshot_yaml_recipe(tokenizer, text_file, tmp_path):
 
     cwd_before = sorted(os.listdir())
     model = _oneshot(tokenizer, text_file, tmp_path / "tiny")
-
 
     modifiers = active_session().lifecycle.recipe.modifiers
     lora = next(m for m in modifiers if isinstance(m, SequentialLoRAModifier))

@@ -9,13 +9,11 @@ import json
 
 import pytest
 import torch
-from factor_helpers import factorize, max_distinct_per_group, saved_and_reloaded
+from factor_helpers import RANK, factor_model, max_distinct_per_group
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear
 
-FACTORIZED = ("q_proj", "o_proj", "up_proj", "down_proj")
-RANK = 64  # a multiple of the group size, so svd_u's input splits into whole groups
 GROUPS = {  # name regex -> (bits, symmetric)
     "re:.*(q|o)_proj.*": (4, True),
     "re:.*(k|v)_proj$": (8, True),
@@ -31,7 +29,11 @@ def gptq_recipe():
         f"group_{i}": {
             "targets": [target],
             "weights": {
-                "num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": 64,
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": sym,
+                "strategy": "group",
+                "group_size": 64,
             },
         }
         for i, (target, (bits, sym)) in enumerate(GROUPS.items())
@@ -48,11 +50,6 @@ def bits_of(name):
 @pytest.fixture(scope="module")
 def probe():
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
-
-
-def factor_model(tiny_factory, tokenizer, folder):
-    """The hidden-128 tiny Llama, saved to ``folder`` and reloaded, with FACTORIZED as SVDLinear."""
-    return factorize(saved_and_reloaded(tiny_factory(hidden=128), folder, tokenizer), RANK, FACTORIZED)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,9 @@ def test_checkpoint_layout(quantized):
     state = read_safetensors(folder)
     prefix = "model.layers.0.self_attn.q_proj.svd_u."
     assert {k.removeprefix(prefix) for k in state if k.startswith(prefix)} == {
-        "weight_packed", "weight_scale", "weight_shape",
+        "weight_packed",
+        "weight_scale",
+        "weight_shape",
     }
     assert state[prefix + "weight_packed"].dtype == torch.int32
     assert state[prefix + "weight_packed"].shape == (128, RANK * 4 // 32)

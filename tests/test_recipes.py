@@ -30,8 +30,6 @@ LORA_FAST = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=
 PRUNING = ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
 
 
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -65,8 +63,13 @@ def compress_tiny(dense: Path, recipe: str, calib):
     import svdllm_plugin  # noqa: F401  (registers the modifiers)
 
     model = AutoModelForCausalLM.from_pretrained(dense)
-    oneshot(model=model, dataset=calib, recipe=recipe, num_calibration_samples=len(calib),
-            max_seq_length=len(calib[0]["input_ids"]))
+    oneshot(
+        model=model,
+        dataset=calib,
+        recipe=recipe,
+        num_calibration_samples=len(calib),
+        max_seq_length=len(calib[0]["input_ids"]),
+    )
     return model.eval()
 
 
@@ -74,7 +77,8 @@ def factor_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: weight} of every svd_u / svd_v child."""
     return {
         f"{name}.{child}": getattr(layer, child).weight.detach()
-        for name, layer in model.named_modules() if isinstance(layer, SVDLinear)
+        for name, layer in model.named_modules()
+        if isinstance(layer, SVDLinear)
         for child in ("svd_u", "svd_v")
     }
 
@@ -178,7 +182,8 @@ def test_quantized_factors_fit_their_bits(compressed):
     saved = read_quantized_weights(compressed.folder)
     ranks = factorized_ranks(compressed.model)
     expected = (
-        {f"{n}.{c}" for n in ranks for c in ("svd_u", "svd_v")} if ranks
+        {f"{n}.{c}" for n in ranks for c in ("svd_u", "svd_v")}
+        if ranks
         else {n for n, m in compressed.model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
     )
     assert saved.keys() == expected
@@ -359,6 +364,12 @@ def test_recipes_resolve_our_modifiers():
     for path in RECIPES:
         recipe = Recipe.create_instance(path.read_text())
         names |= {type(m).__name__ for m in recipe.modifiers}
-    assert {"SVDLLMModifier", "GPTQModifier", "SparseGPTModifier", "WandaPruningModifier",
-            "OneshotMagnitudePruningModifier", "SequentialLoRAModifier"} <= names
+    assert {
+        "SVDLLMModifier",
+        "GPTQModifier",
+        "SparseGPTModifier",
+        "WandaPruningModifier",
+        "OneshotMagnitudePruningModifier",
+        "SequentialLoRAModifier",
+    } <= names
     assert all(re.fullmatch(r"[a-z0-9_.]+", p.stem) for p in RECIPES)

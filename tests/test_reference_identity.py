@@ -53,9 +53,14 @@ def test_plugin_matches_reference(tiny_folder, tokenizer, calib):
     ref = copy.deepcopy(plugin)
     samples = torch.tensor(calib["input_ids"])  # (N, L): the windows oneshot gets
 
-    oneshot(model=plugin, processor=tokenizer, dataset=calib,
-            recipe=RECIPE.format(ratio=RATIO),
-            num_calibration_samples=len(calib), max_seq_length=samples.shape[1])
+    oneshot(
+        model=plugin,
+        processor=tokenizer,
+        dataset=calib,
+        recipe=RECIPE.format(ratio=RATIO),
+        num_calibration_samples=len(calib),
+        max_seq_length=samples.shape[1],
+    )
     reference.reference_svdllm(ref, samples, RATIO)
 
     ours = {n: m for n, m in plugin.named_modules() if isinstance(m, SVDLinear)}
