@@ -95,8 +95,11 @@ def test_runtime_options_hook(monkeypatch):
     class Config:
         svdllm_runtime = {"fuse": True}
 
-    with pytest.raises(ValueError, match=r"unknown svdllm_runtime options \['fuse'\]"):
-        modeling_svdllm._apply_runtime_options(object(), Config())
+    class Unknown:
+        svdllm_runtime = {"fuse_all": True}
+
+    with pytest.raises(ValueError, match=r"unknown svdllm_runtime options \['fuse_all'\]"):
+        modeling_svdllm._apply_runtime_options(object(), Unknown())
     seen = []
     monkeypatch.setitem(svdllm_runtime.OPTIONS, "fuse", lambda model, value: seen.append(value) or model)
     model = object()
@@ -123,8 +126,14 @@ def test_no_import_cycle_and_standalone_modeling_files():
         found = imports(path, top_level_only=False)
         assert not any(n.startswith("svdllm_plugin.export") for n in found), path.name
         assert not any(n.startswith("llmcompressor") for n in imports(path, top_level_only=True)), path.name
-        if path.name in ("modeling_svdllm.py", "svdllm_runtime.py"):
+        if path.name == "modeling_svdllm.py":
             assert {n.split(".")[0] for n in found} <= {"__future__", "torch", "transformers", ""}, path.name
+        if path.name == "svdllm_runtime.py":  # the folder's copies first, the plugin's in-package fallback
+            assert {n.split(".")[0] for n in found} <= {"__future__", "", "svdllm_plugin"}, path.name
+    for path in (PACKAGE / "inference").glob("*.py"):  # copied into every folder beside the modeling code
+        assert {n.split(".")[0] for n in imports(path, top_level_only=False)} <= {
+            "__future__", "torch", "transformers", "", "functools", "math"
+        }, path.name
 
 
 def test_stock_loading_in_a_plugin_process(folder, probe, tmp_path):

@@ -54,6 +54,15 @@ for name in ("dense", "w4"):
     module = type(model).__module__.rpartition(".")[2]
     out[name] = {"class": f"{module}.{type(model).__name__}", "text": text[0]["generated_text"],
                  "q_proj": sorted(n for n, _ in q_proj.named_children())}
+runtime = {"fuse": True, "latent_kv_cache": True}  # the load-time inference options
+model = AutoModelForCausalLM.from_pretrained(f"{work}/dense", trust_remote_code=True, svdllm_runtime=runtime)
+tokenizer = AutoTokenizer.from_pretrained(f"{work}/dense", trust_remote_code=True)
+ids = tokenizer(sys.argv[2], return_tensors="pt")
+generated = model.generate(**ids, max_new_tokens=int(sys.argv[3]), do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)
+out["runtime"] = {"text": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True),
+                  "cache": type(model._svdllm_latent_cache()).__name__,
+                  "fused": int(getattr(model, "_svdllm_fused_groups", 0))}
 for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True})):
     folder = f"{work}/{'dense' if case == 'no_trust' else 'missing'}"
     try:
@@ -145,6 +154,13 @@ def test_pipeline_generates_what_the_plugin_model_generates(work, stock, tokeniz
     assert stock[name]["text"] == expected
 
 
+def test_runtime_options_from_the_stock_path(stock):
+    """``svdllm_runtime={"fuse": True, "latent_kv_cache": True}`` works without the plugin: the
+    folder's copies of the fused-factor and latent-cache code run, and greedy text is unchanged."""
+    assert stock["runtime"]["cache"] == "LatentKVCache" and stock["runtime"]["fused"] > 0
+    assert stock["runtime"]["text"] == stock["dense"]["text"]
+
+
 def test_folder_without_the_modeling_code_trust_is_refused(stock):
     assert "trust_remote_code" in stock["no_trust"]  # not loaded into a dense Llama with random weights
 
@@ -161,6 +177,7 @@ def test_folder_layout(work):
     assert config["auto_map"]["AutoModel"] == "modeling_svdllm.SVDLLMModel"  # what vLLM's backend reads
     assert config["svdllm"]["base_model_type"] == "llama" and config["svdllm"]["format"] == "packed"
     files = {p.name for p in (work / "w4").iterdir()}
-    assert {"modeling_svdllm.py", "svdllm_runtime.py", "README.md", "recipe.yaml", "tokenizer.json"} <= files
+    assert {"modeling_svdllm.py", "svdllm_runtime.py", "svdllm_fused.py", "svdllm_latent_cache.py"} <= files
+    assert {"README.md", "recipe.yaml", "tokenizer.json"} <= files
     modeling = (work / "w4" / "modeling_svdllm.py").read_text()
     assert "import svdllm_plugin" not in modeling and "from svdllm_plugin" not in modeling

@@ -53,7 +53,13 @@ __all__ = [
 CONFIG_KEY = "svdllm"
 MODEL_TYPE = "svdllm"
 DENSE, PACKED, GPTQ = "dense", "packed", "gptq"  # gptq: svdllm_plugin.export.gptq, not loaded here
-MODELING_FILES = ("modeling_svdllm.py", "svdllm_runtime.py")  # copied from this package into each folder
+# copied into each folder: {name in the folder: source, relative to the svdllm_plugin package}
+MODELING_FILES = {
+    "modeling_svdllm.py": "checkpoint/modeling_svdllm.py",
+    "svdllm_runtime.py": "checkpoint/svdllm_runtime.py",
+    "svdllm_fused.py": "inference/fused.py",  # torch + transformers only, like the two above
+    "svdllm_latent_cache.py": "inference/latent_cache.py",
+}
 AUTO_MAP = {
     "AutoConfig": "modeling_svdllm.SVDLLMConfig",
     "AutoModel": "modeling_svdllm.SVDLLMModel",
@@ -122,9 +128,9 @@ def write_config(folder: Path, record: dict) -> None:
     config.update(model_type=MODEL_TYPE, architectures=["SVDLLMForCausalLM"], auto_map=dict(AUTO_MAP))
     config[CONFIG_KEY] = record
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    here = Path(__file__).parent
-    for name in MODELING_FILES:
-        shutil.copyfile(here / name, folder / name)
+    package = Path(__file__).parents[1]
+    for name, source in MODELING_FILES.items():
+        shutil.copyfile(package / source, folder / name)
 
 
 def register_auto_config() -> None:

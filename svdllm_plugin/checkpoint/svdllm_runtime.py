@@ -11,9 +11,30 @@ files of a remote-code folder along with it.
 
 from __future__ import annotations
 
+try:  # in a compressed folder: the copies written beside this file
+    from .svdllm_fused import fuse_shared_inputs
+    from .svdllm_latent_cache import enable_latent_kv_cache
+except ImportError:  # inside the plugin package
+    from svdllm_plugin.inference.fused import fuse_shared_inputs
+    from svdllm_plugin.inference.latent_cache import enable_latent_kv_cache
+
 __all__ = ["OPTIONS", "apply_runtime_options"]
 
-OPTIONS: dict = {}  # option name -> function(model, value) -> model
+
+def _fuse(model, value):
+    """``fuse: true``: one GEMM over the stacked W_v of q/k/v (and gate/up)."""
+    return fuse_shared_inputs(model) if value else model
+
+
+def _latent_kv_cache(model, value):
+    """``latent_kv_cache: true``: generate caches svd_v(x) of factorized k/v instead of K and V."""
+    return enable_latent_kv_cache(model)[0] if value else model
+
+
+OPTIONS: dict = {  # option name -> function(model, value) -> model
+    "fuse": _fuse,
+    "latent_kv_cache": _latent_kv_cache,
+}
 
 
 def apply_runtime_options(model, options: dict):
