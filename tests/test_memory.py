@@ -81,18 +81,19 @@ def test_closed_form_update_whitens_with_the_original_model_statistics(three_lay
     layers = {n: m for n, m in dense.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n}
     expected = passes.collect_statistics(dense, layers, _loader(calib))
     seen: dict[str, torch.Tensor] = {}
-    decompose = SVDLLMModifier._decompose
+    factors = SVDLLMModifier._factors
 
-    def spy(self, name, layer, stats, whitened):
+    def spy(self, name, whitened):
+        layer = self._layers[name]
         seen[name] = self._original.get(layer).H.clone()
-        seen[name + "/propagated"] = stats.H.clone()
-        return decompose(self, name, layer, stats, whitened)
+        seen[name + "/propagated"] = self._collector.get(layer).H.clone()
+        return factors(self, name, whitened)
 
-    SVDLLMModifier._decompose = spy
+    SVDLLMModifier._factors = spy
     try:
         run_oneshot(model, calib, SVDLLMModifier(ratio=0.4, closed_form_update=True))
     finally:
-        SVDLLMModifier._decompose = decompose
+        SVDLLMModifier._factors = factors
     assert len(seen) == 2 * len(layers)
     for name, linear in layers.items():
         H = expected.get(linear).H

@@ -11,7 +11,6 @@ identity / a plain loop when no process group is initialized.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable
 
 import torch
@@ -203,16 +202,14 @@ def mean_over_ranks(value: float, weight: float) -> float:
 def save_on_source(save: Callable, model, *args, **kwargs):
     """``save(model, ...)`` on rank 0 only; the other ranks wait for it.
 
-    llm-compressor's wrapped ``model.save_pretrained`` runs collectives (a barrier group),
-    so the other ranks take part in it with a throwaway folder where it writes nothing.
+    ``svdllm_plugin.checkpoint.save_pretrained`` calls transformers' save itself, not
+    llm-compressor's wrapped ``model.save_pretrained`` (whose barrier group every rank would
+    have to join), so rank 0 saves alone.
     """
     if not is_distributed():
         return save(model, *args, **kwargs)
     result = None
     if is_source_process():
         result = save(model, *args, **kwargs)
-    elif getattr(model.save_pretrained, "_overridden", False):
-        with tempfile.TemporaryDirectory(prefix="svdllm-rank-save-") as scratch:
-            model.save_pretrained(scratch)
     dist.barrier()
     return result
