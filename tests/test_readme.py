@@ -33,12 +33,18 @@ def test_readme_has_blocks_of_each_kind():
 
 
 @pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
-def test_python_block_runs(code, tiny, tokenizer, calib, tmp_path, monkeypatch):
+def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib, tmp_path, monkeypatch):
     """Names the block uses without defining (model, tokenizer, ds) are a tiny model and data;
     it runs in a scratch folder holding a copy of recipes/, so its relative paths resolve."""
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
-    namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib}
+    if "outputs/smollm2-svdllm-0.2" in code:  # what `make run` writes; a tiny stand-in here
+        from factor_helpers import factorize_ratio
+
+        from svdllm_plugin.checkpoint import save_pretrained
+
+        save_pretrained(factorize_ratio(tiny_factory()), tmp_path / "outputs" / "smollm2-svdllm-0.2", tokenizer)
+    namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib, "path": str(tiny_dir)}
     exec(compile(code, "README.md", "exec"), namespace)
     if "save_pretrained" in code:
         from svdllm_plugin.checkpoint import load_pretrained
