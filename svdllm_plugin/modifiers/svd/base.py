@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,8 +37,13 @@ from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_by_loss, all
 from svdllm_plugin.modifiers.svd.decompose import (
     Factors,
     factorize,
+    max_rank,
+    output_match,
+    output_objective,
     rank_for_ratio,
     refit_u,
+    removed_fraction,
+    round_ranks,
     saves_parameters,
     truncation_loss,
     whiten_cholesky,
@@ -51,6 +57,53 @@ __all__ = ["SVDLLMModifier"]
 LOSS_SPREAD = 0.5  # `loss` allocation: each rank stays within (1 -/+ spread) x its uniform rank
 
 Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
+Update = Literal["none", "input", "output"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method reads and how it weights W before the SVD (one entry per method).
+
+    statistics: what the forward-pre hooks accumulate ("H": X X^T, "abs": sum / max |x|).
+    weighting: "whiten" (W S, S S^T = X X^T), "channel" (ASVD's W diag(s)), "none".
+    rows: left weighting ("fisher": FWSVD's sqrt of Fisher row importance) or None.
+    whitening: the whitening the method forces ("eigh" for V2) or None (the field decides).
+    """
+
+    statistics: frozenset
+    weighting: Literal["whiten", "channel", "none"]
+    rows: Literal["fisher"] | None = None
+    whitening: Literal["cholesky", "eigh"] | None = None
+
+
+METHODS: dict[str, MethodSpec] = {
+    "svd": MethodSpec(frozenset(), "none"),
+    "fwsvd": MethodSpec(frozenset(), "none", rows="fisher"),
+    "asvd": MethodSpec(frozenset({"abs"}), "channel"),
+    "svd_llm": MethodSpec(frozenset({"H"}), "whiten"),
+    "svd_llm_v2": MethodSpec(frozenset({"H"}), "whiten", whitening="eigh"),
+}
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """A closed-form update after the truncation (one entry per ``update``).
+
+    original: statistics of the ORIGINAL model's inputs are carried beside the propagated
+    ones (the original stream); cross: C = X X'^T of paired original / propagated inputs;
+    propagated: factors switch on at once so later layers see the compressed model.
+    """
+
+    original: bool
+    cross: bool
+    propagated: bool
+
+
+UPDATES: dict[str, UpdateSpec] = {
+    "none": UpdateSpec(original=False, cross=False, propagated=False),
+    "input": UpdateSpec(original=True, cross=False, propagated=True),  # SVD-LLM: W_u W_v X' ~ W X'
+    "output": UpdateSpec(original=True, cross=True, propagated=True),  # W_u W_v X' ~ W X (original)
+}
 
 
 class SVDLLMModifier(Modifier):
@@ -68,8 +121,9 @@ class SVDLLMModifier(Modifier):
         ignores data), ``asvd`` (activation-aware channel scaling).
     :param whitening: ``cholesky`` (SVD-LLM, with a logged diagonal shift when X X^T is not
         positive definite) or ``eigh`` (pseudo-inverse, works on singular statistics).
-    :param rank_multiple: round ranks down to a multiple of this (e.g. 8; the GPTQ group
-        size when the factors are quantized, since svd_u's input width is the rank).
+    :param rank_multiple: ranks are multiples of this (e.g. 8; the GPTQ group size when the
+        factors are quantized, since svd_u's input width is the rank): each rank is rounded
+        down or up, rebalanced so the parameters removed match the ratio (``achieved_ratio``).
     :param sigma: where Sigma goes: ``split`` (Sigma^1/2 on both), ``u`` or ``v``.
     :param activations: statistics from the ``original`` model's activations (the paper)
         or from the ``propagated`` outputs of already-compressed layers.
@@ -80,9 +134,14 @@ class SVDLLMModifier(Modifier):
     :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (SVD-LLM V2:
         heterogeneous ranks from truncation loss within each matrix type) or
         ``sensitivity`` (ASVD's perplexity search to the same global budget).
-    :param closed_form_update: SVD-LLM's layer-wise update: whiten with the original
-        model's statistics, then refit W_u by least squares on the propagated inputs of the
-        already-compressed layers (costs one extra forward pass for original statistics).
+    :param update: closed-form update on the compressed model's (propagated) inputs X',
+        with the original model's activations carried beside them (one more forward of each
+        decoder layer): ``input`` (SVD-LLM's: whiten with the original statistics, refit W_u
+        so that W_u W_v X' matches W X'), ``output`` (the rank-k W' minimising
+        ||W X - W' X'|| for the ORIGINAL inputs X: pulls outputs back to the original
+        model's), or ``none``.
+    :param closed_form_update: ``true`` is ``update: input`` (recipes before ``update``); it
+        reads true whenever an update is on.
     :param fisher_batches: calibration batches for FWSVD's gradient pass.
     :param sensitivity_ratios: candidate ratios of the sensitivity search.
     :param sensitivity_batches: calibration batches per sensitivity measurement.
@@ -103,6 +162,7 @@ class SVDLLMModifier(Modifier):
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
     model_ratio: float | None = None
     allocation: Literal["uniform", "loss", "sensitivity"] = "uniform"
+    update: Update = "none"
     closed_form_update: bool = False
     fisher_batches: int = 8
     sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -121,6 +181,7 @@ class SVDLLMModifier(Modifier):
     _sensitivity_cost: dict = PrivateAttr(default_factory=dict)
     _seconds: dict[str, float] = PrivateAttr(default_factory=dict)  # deferred factorizations
     _tokens: dict[str, int] = PrivateAttr(default_factory=dict)
+    _achieved_ratio: float = PrivateAttr(default=0.0)
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -178,21 +239,35 @@ class SVDLLMModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_combination(self):
-        if self.method == "svd_llm_v2":
-            self.whitening = "eigh"
+        spec = METHODS[self.method]
+        if spec.whitening is not None:
+            self.whitening = spec.whitening
+        if self.closed_form_update and self.update == "none":
+            self.update = "input"
+        self.closed_form_update = self.update != "none"  # compress.single_pass reads it
         if self.allocation != "uniform" and self.activations != "original":
             raise ValueError(
                 f"allocation={self.allocation!r} chooses ranks from every layer's spectrum at the end "
                 "of calibration; it needs `activations: original`"
             )
-        if self.closed_form_update and (self.activations != "original" or self.allocation != "uniform"):
+        if self.update != "none" and (self.activations != "original" or self.allocation != "uniform"):
             raise ValueError(
-                "`closed_form_update` whitens with the original statistics and refits on propagated "
-                "inputs; it needs `activations: original` and `allocation: uniform`"
+                f"update={self.update!r} carries the original statistics beside the propagated inputs; "
+                "it needs `activations: original` and `allocation: uniform`"
             )
-        if self.closed_form_update and self.method not in ("svd_llm", "svd_llm_v2"):
-            raise ValueError("`closed_form_update` applies to method svd_llm / svd_llm_v2")
+        if self.update != "none" and spec.weighting != "whiten":
+            raise ValueError(f"update={self.update!r} applies to the whitening methods svd_llm / svd_llm_v2")
         return self
+
+    @property
+    def propagates(self) -> bool:
+        """Whether calibration must see the compressed model's outputs (error propagation on)."""
+        return self.activations == "propagated" or UPDATES[self.update].propagated
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of the targeted matrices' parameters the chosen ranks remove (dense ones count 0)."""
+        return self._achieved_ratio
 
     # ---- lifecycle ------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -208,14 +283,15 @@ class SVDLLMModifier(Modifier):
                 f"(ignore={self.ignore}). Please check `targets` in the recipe."
             )
         self._ratio = self._resolve_ratio(model, matched)
-        if self.method == "fwsvd":
+        if METHODS[self.method].rows == "fisher":
             fisher = passes.fisher_row_importance(model, dict(matched), state.data.calib, self.fisher_batches)
             self._row_scale = {
                 name: I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt() for name, I in fisher.items()
             }
-        for name, linear in matched:
+        shapes = [(lin.out_features, lin.in_features, self._ratio_for(name)) for name, lin in matched]
+        ranks = round_ranks(shapes, self.rank_multiple)
+        for (name, linear), k in zip(matched, ranks):
             m, n = linear.out_features, linear.in_features
-            k = rank_for_ratio(m, n, self._ratio_for(name), self.rank_multiple)
             if not saves_parameters(m, n, k):
                 self._kept_dense.append(name)
                 logger.info("{} ({}x{}): rank {} saves nothing, kept dense", name, m, n, k)
@@ -229,13 +305,23 @@ class SVDLLMModifier(Modifier):
                 f"at ratio={self._ratio}; raise `ratio`"
             )
         _check_group_sizes(self, self._layers)
+        self._achieved_ratio = removed_fraction(
+            [(lin.out_features, lin.in_features) for _, lin in matched],
+            [self._layers[name].rank if name in self._layers else 0 for name, _ in matched],
+        )
+        self._achieved_ratio += sum(
+            lin.out_features * lin.in_features for name, lin in matched if name not in self._layers
+        ) / sum(lin.out_features * lin.in_features for _, lin in matched)  # dense: nothing removed
         logger.info(
-            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f}, allocation={}",
+            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f} "
+            "(ranks remove {:.4f}), allocation={}, update={}",
             len(self._layers),
             len(self._kept_dense),
             self.method,
             self._ratio,
+            self._achieved_ratio,
             self.allocation,
+            self.update,
         )
         return True
 
@@ -261,7 +347,7 @@ class SVDLLMModifier(Modifier):
             for layer in self._layers.values()
             if layer.pending
         }
-        if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
+        if UPDATES[self.update].original:  # the ORIGINAL model's statistics beside the propagated
             self._start_original_stream(state, names, handles)
 
     def _observe(self, module: nn.Module, args: tuple) -> None:
@@ -274,8 +360,16 @@ class SVDLLMModifier(Modifier):
         """Carry the original model's activations beside the propagated ones (O(one layer)
         statistics), or, for a model without known decoder layers, collect every layer's
         original X X^T in one pass up front (O(model))."""
-        self._original = StatisticsCollector(names=names, want=frozenset({"H"}))
+        cross = UPDATES[self.update].cross
+        self._original = StatisticsCollector(names=names, want=frozenset({"H"}), keep_inputs=cross)
+        if cross:
+            self._collector.pair_with = self._original
         layers = decoder_layers(state.model)
+        if not layers and cross:
+            raise ValueError(
+                "update='output' pairs the original and the compressed model's inputs token by token "
+                "through the decoder layers, but the model names none (model._no_split_modules)"
+            )
         if not layers:
             logger.warning(
                 "closed_form_update: no decoder layers found (model._no_split_modules); collecting the "
@@ -290,9 +384,8 @@ class SVDLLMModifier(Modifier):
             self.register_hook(layer, self._stream.pre_hook, "forward_pre", with_kwargs=True)
 
     def _wanted(self) -> frozenset:
-        """Statistics the method reads: X X^T (whitening, update), |x| (ASVD), or none."""
-        want = {"svd_llm": {"H"}, "svd_llm_v2": {"H"}, "asvd": {"abs"}}.get(self.method, set())
-        return frozenset(want | ({"H"} if self.closed_form_update else set()))
+        """Statistics the method reads (its table entry), plus X X^T for an update."""
+        return METHODS[self.method].statistics | ({"H"} if self.update != "none" else frozenset())
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules=None, **kwargs):
         self._compress_ready()
@@ -370,7 +463,7 @@ class SVDLLMModifier(Modifier):
     def _decompose(self, name: str, layer: SVDLinear, stats, whitened: dict) -> None:
         original = self._original.get(layer) if self._original is not None else stats
         start = time.perf_counter()
-        S = self._weighting(original, name, whitened)
+        S = None if self.update == "output" else self._weighting(original, name, whitened)
         W = layer.dense_weight  # (m, n), onloaded
         row_scale = self._row_scale.get(name)
         if self.allocation != "uniform":
@@ -381,13 +474,32 @@ class SVDLLMModifier(Modifier):
             layer.set_factors(factors.W_u, factors.W_v)
             self._spectra[name], self._tokens[name] = factors.sigma.cpu(), stats.tokens
             return
-        factors = factorize(W, layer.rank, S, row_scale, self.sigma)
-        if self.closed_form_update:  # stats are the propagated inputs here
-            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        factors = self._fit(W, layer.rank, S, row_scale, stats, original)
         layer.set_factors(factors.W_u, factors.W_v)
-        if self.activations == "propagated" or self.closed_form_update:
+        if self.propagates:
             layer.activate()
-        self._record(name, layer, factors, stats.tokens, time.perf_counter() - start)
+        extra = {}
+        if UPDATES[self.update].cross:
+            H, C, H_p = original.covariance(), stats.cross_covariance(), stats.covariance()
+            extra["objective"] = output_objective(W, factors.W_u, factors.W_v, H, C, H_p)
+            extra["rel_objective"] = extra["objective"] / max(
+                float((W.double() @ H * W.double()).sum()), 1e-300
+            )
+        self._record(name, layer, factors, stats.tokens, time.perf_counter() - start, **extra)
+
+    def _fit(self, W, k: int, S, row_scale, stats, original) -> Factors:
+        """Rank-k factors of W: the method's weighted truncation, then the update.
+
+        ``stats``: this layer's input statistics on the calibration stream (propagated when an
+        update is on); ``original``: the original model's (the same object without an update).
+        """
+        if self.update == "output":  # S is unused: the fit whitens with the propagated H'
+            S_p = self._whiten(stats.covariance(), "")
+            return output_match(W, k, stats.cross_covariance(), stats.covariance(), S_p, self.sigma)
+        factors = factorize(W, k, S, row_scale, self.sigma)
+        if self.update == "input":  # stats are the propagated inputs here
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        return factors
 
     def _stored_rank(self, layer: SVDLinear) -> int:
         """The largest rank the allocation can give this layer (what is kept until it runs)."""
@@ -466,23 +578,24 @@ class SVDLLMModifier(Modifier):
         cached per statistics object (shared inputs)."""
         key = id(stats)
         if key not in cache:
-            if self.method in ("svd", "fwsvd"):  # FWSVD weights rows, not inputs
+            weighting = METHODS[self.method].weighting
+            if weighting == "none":  # plain SVD; FWSVD weights rows, not inputs
                 cache[key] = None
-            elif self.method == "asvd":
+            elif weighting == "channel":
                 stat = (
                     stats.abs_sum / max(stats.tokens, 1)
                     if self.asvd_statistic == "abs_mean"
                     else stats.abs_max
                 )
-                s = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
-                cache[key] = s
-            elif self.whitening == "eigh":
-                cache[key] = whiten_eigh(stats.covariance())
+                cache[key] = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
             else:
-                cache[key] = whiten_cholesky(stats.covariance(), name)
+                cache[key] = self._whiten(stats.covariance(), name)
         return cache[key]
 
-    def _record(self, name: str, layer: SVDLinear, factors, tokens: int, seconds: float) -> None:
+    def _whiten(self, H: torch.Tensor, name: str) -> torch.Tensor:
+        return whiten_eigh(H) if self.whitening == "eigh" else whiten_cholesky(H, name)
+
+    def _record(self, name: str, layer: SVDLinear, factors, tokens: int, seconds: float, **extra) -> None:
         m, n, k = layer.out_features, layer.in_features, layer.rank
         total = float((factors.sigma.to(torch.float64) ** 2).sum())
         record = dict(
@@ -496,6 +609,7 @@ class SVDLLMModifier(Modifier):
             rel_loss=factors.loss / total if total > 0 else 0.0,
             tokens=tokens,
             seconds=seconds,
+            **extra,
         )
         self._records.append(record)
         logger.info(
@@ -526,8 +640,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 def _max_rank(layer: SVDLinear) -> int:
     """Largest rank that still saves parameters (what non-uniform allocations may give)."""
-    m, n = layer.out_features, layer.in_features
-    return max(1, (m * n - 1) // (m + n))
+    return max_rank(layer.out_features, layer.in_features)
 
 
 def _inside_svd_linear(name: str) -> bool:
