@@ -33,7 +33,13 @@ from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, replace_module
 from svdllm_plugin.modifiers.svd import passes
-from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_by_loss, allocate_by_sensitivity
+from svdllm_plugin.modifiers.svd.allocation import (
+    Matrix,
+    allocate_by_loss,
+    allocate_by_sensitivity,
+    allocate_global,
+    allocate_v2,
+)
 from svdllm_plugin.modifiers.svd.decompose import (
     Factors,
     factorize,
@@ -131,9 +137,15 @@ class SVDLLMModifier(Modifier):
     :param asvd_statistic: ``abs_mean`` or ``abs_max`` of each input channel.
     :param model_ratio: alternative to ``ratio``: fraction of the WHOLE model's parameters
         to remove, spread over the targeted matrices.
-    :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (SVD-LLM V2:
-        heterogeneous ranks from truncation loss within each matrix type) or
-        ``sensitivity`` (ASVD's perplexity search to the same global budget).
+    :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (greedy on relative
+        truncation loss within each matrix type, ranks within 0.5x-1.5x uniform), ``v2``
+        (SVD-LLM V2's published formula within each type: R_i proportional to 1 / log L_i of
+        the absolute loss), ``global`` (one budget over all types, greedy on absolute whitened
+        loss per parameter, 0.5x-1.5x uniform) or ``sensitivity`` (ASVD's perplexity search
+        to the same global budget).
+    :param row_weighting: ``fisher`` weights W's rows by sqrt of FWSVD's Fisher row
+        importance (a backward pass per batch) on top of the method's input weighting, e.g.
+        whitening: SVD of diag(r) W S.
     :param update: closed-form update on the compressed model's (propagated) inputs X',
         with the original model's activations carried beside them (one more forward of each
         decoder layer): ``input`` (SVD-LLM's: whiten with the original statistics, refit W_u
@@ -161,7 +173,8 @@ class SVDLLMModifier(Modifier):
     asvd_alpha: float = 0.5
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
     model_ratio: float | None = None
-    allocation: Literal["uniform", "loss", "sensitivity"] = "uniform"
+    allocation: Literal["uniform", "loss", "v2", "global", "sensitivity"] = "uniform"
+    row_weighting: Literal["none", "fisher"] = "none"
     update: Update = "none"
     closed_form_update: bool = False
     fisher_batches: int = 8
@@ -255,6 +268,8 @@ class SVDLLMModifier(Modifier):
                 f"update={self.update!r} carries the original statistics beside the propagated inputs; "
                 "it needs `activations: original` and `allocation: uniform`"
             )
+        if self.update == "output" and self.row_weighting != "none":
+            raise ValueError("update='output' fits the original outputs unweighted; use row_weighting: none")
         if self.update != "none" and spec.weighting != "whiten":
             raise ValueError(f"update={self.update!r} applies to the whitening methods svd_llm / svd_llm_v2")
         return self
@@ -283,7 +298,7 @@ class SVDLLMModifier(Modifier):
                 f"(ignore={self.ignore}). Please check `targets` in the recipe."
             )
         self._ratio = self._resolve_ratio(model, matched)
-        if METHODS[self.method].rows == "fisher":
+        if METHODS[self.method].rows == "fisher" or self.row_weighting == "fisher":
             fisher = passes.fisher_row_importance(model, dict(matched), state.data.calib, self.fisher_batches)
             self._row_scale = {
                 name: I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt() for name, I in fisher.items()
@@ -503,7 +518,7 @@ class SVDLLMModifier(Modifier):
 
     def _stored_rank(self, layer: SVDLinear) -> int:
         """The largest rank the allocation can give this layer (what is kept until it runs)."""
-        if self.allocation == "loss":
+        if self.allocation in ("loss", "global"):
             return min(_max_rank(layer), max(layer.rank, int(layer.rank * (1 + LOSS_SPREAD))))
         return _max_rank(layer)
 
@@ -518,6 +533,10 @@ class SVDLLMModifier(Modifier):
         start = time.perf_counter()
         if self.allocation == "loss":
             ranks = allocate_by_loss(matrices, uniform, self.rank_multiple, LOSS_SPREAD)
+        elif self.allocation == "global":
+            ranks = allocate_global(matrices, uniform, self.rank_multiple, LOSS_SPREAD)
+        elif self.allocation == "v2":
+            ranks = allocate_v2(matrices, uniform, self._ratio, self.rank_multiple, scale=self._tokens)
         else:
             target = sum(m.m * m.n - uniform[m.name] * (m.m + m.n) for m in matrices)
             ranks = allocate_by_sensitivity(matrices, self._sensitivity(state), target, self.rank_multiple)

@@ -1,0 +1,52 @@
+"""Quantization-aware factors: FactorRefitModifier refits W_u on Q(W_v) X between a GPTQ of
+svd_v and a GPTQ of svd_u."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmcompressor import oneshot
+
+from svdllm_plugin.layers import SVDLinear
+from svdllm_plugin.modifiers.svd import FactorRefitModifier, SVDLLMModifier
+
+
+def gptq(target: str, group_size: int = 16, bits: int = 3):
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = dict(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return GPTQModifier(config_groups={"g": dict(targets=[target], weights=weights)}, ignore=["re:.*lm_head"])
+
+
+def run(model, calib, recipe, **kwargs):
+    oneshot(
+        model=model,
+        dataset=calib,
+        recipe=recipe,
+        num_calibration_samples=len(calib),
+        max_seq_length=len(calib[0]["input_ids"]),
+        **kwargs,
+    )
+
+
+def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib):
+    run(tiny, calib, [SVDLLMModifier(ratio=0.4, rank_multiple=16)])
+    layer = tiny.model.layers[1].mlp.gate_proj
+    W_u0 = layer.svd_u.weight.detach().clone()
+    refit = FactorRefitModifier()
+    run(tiny, calib, [gptq("re:.*svd_v$"), refit], pipeline="sequential")
+    gains = refit.gains
+    assert len(gains) == 14
+    assert all(g["after"] <= g["before"] for g in gains)
+    assert sum(g["after"] for g in gains) < 0.9 * sum(g["before"] for g in gains)
+    assert not torch.equal(layer.svd_u.weight, W_u0)  # W_u was rewritten
+    run(tiny, calib, [gptq("re:.*svd_u$")])
+    for module in tiny.modules():
+        if isinstance(module, SVDLinear):
+            assert module.svd_u.quantization_scheme is not None
+            assert module.svd_v.quantization_scheme is not None
+
+
+def test_refit_needs_factorized_layers(tiny, calib):
+    with pytest.raises(ValueError, match="no SVDLinear"):
+        run(tiny, calib, [FactorRefitModifier()])
