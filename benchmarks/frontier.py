@@ -19,12 +19,12 @@ from common import RESULTS, markdown, run_recipe, save, setup
 from svdllm_plugin.checkpoint import save_pretrained
 
 
-def gptq(bits: int, group_size: int = 64):
+def gptq(bits: int, targets: str = "Linear", group_size: int = 64):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = dict(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     return GPTQModifier(
-        config_groups={"group_0": dict(targets=["Linear"], weights=weights)}, ignore=["re:.*lm_head"]
+        config_groups={"group_0": dict(targets=[targets], weights=weights)}, ignore=["re:.*lm_head"]
     )
 
 

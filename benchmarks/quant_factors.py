@@ -7,9 +7,8 @@ a copy of the SAME factorized model with GPTQ W{bits} g64, so only the variant d
 - ``split`` / ``u`` / ``v``: where Sigma sits (the product W_u W_v is the same; the factors
   are re-split: ||W_u[:, i]||^2 = sigma_i under ``split``).
 - ``floor``: the old rank rounding (down to a multiple of 64) instead of nearest+rebalance.
-- ``qa``: quantization-aware factors (``quantization_aware: true``): svd_v quantized with the
-  calibration Hessian inside the SVD stage, W_u refit on Q(W_v) X, then GPTQ quantizes svd_u
-  on the inputs Q(W_v) X.
+- ``qa-SIGMA``: quantization-aware factors: GPTQ quantizes svd_v, FactorRefitModifier (same
+  pass) refits W_u on Q(W_v) X, then a second GPTQ quantizes svd_u on the inputs Q(W_v) X.
 Writes benchmarks/results/quant_factors.{json,md}.
 """
 
@@ -25,6 +24,7 @@ from frontier import gptq
 
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.layers import SVDLinear
+from svdllm_plugin.modifiers.svd import FactorRefitModifier
 from svdllm_plugin.offload import write_parameter
 
 SMOLLM2_FLOOR = {  # ratios whose exact ranks are the old floor-to-64 ranks at ratio 0.2
@@ -84,12 +84,14 @@ def main() -> None:
         if variant == "floor":
             model = copy.deepcopy(svd_model("floor", overrides=SMOLLM2_FLOOR))
             recipe = [gptq(args.bits)]
-        elif variant == "qa":
-            model = bench.fresh()
-            recipe = [
-                SVDLLMModifier(ratio=args.ratio, rank_multiple=64, quantization_aware=True),
-                gptq(args.bits),
-            ]
+        elif variant.startswith("qa"):  # qa-SIGMA: GPTQ svd_v, refit W_u on Q(W_v) X, GPTQ svd_u
+            model = copy.deepcopy(svd_model("nearest"))
+            resplit(model, variant.split("-", 1)[1] if "-" in variant else "split")
+            refit = FactorRefitModifier()
+            model, _ = run_recipe(
+                bench, [gptq(args.bits, "re:.*svd_v$"), refit], model=model, pipeline="sequential"
+            )
+            recipe = [gptq(args.bits, "re:.*svd_u$")]
         elif variant.startswith("update-"):  # e.g. update-output: a closed-form update before GPTQ
             model = copy.deepcopy(svd_model(variant, update=variant.split("-", 1)[1]))
             recipe = [gptq(args.bits)]
