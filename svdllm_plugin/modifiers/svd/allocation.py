@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from svdllm_plugin.modifiers.svd.decompose import max_rank, params_of, round_ranks, truncation_loss
+from svdllm_plugin.modifiers.svd.decompose import (
+    exact_rank,
+    max_rank,
+    params_of,
+    round_ranks,
+    truncation_loss,
+)
 
 __all__ = [
     "Matrix",
@@ -103,7 +109,7 @@ def allocate_global(
 
     def gain(m: Matrix) -> float:
         k = ranks[m.name]
-        return float((m.sigma[k : k + multiple].double() ** 2).sum()) / (multiple * (m.m + m.n))
+        return float((m.sigma[k : k + multiple].double() ** 2).sum()) / params_of(m.m, m.n, multiple)
 
     heap = [(-gain(m), i, m) for i, m in enumerate(matrices)]
     heapq.heapify(heap)
@@ -173,7 +179,7 @@ def allocate_by_sensitivity(
             mat = by_name[name]
             ok = [r for r, p in per.items() if p <= t]
             r = max(ok) if ok else 0.0
-            k = mat.max_rank if r == 0.0 else int(mat.m * mat.n * (1 - r) / (mat.m + mat.n))
+            k = mat.max_rank if r == 0.0 else int(exact_rank(mat.m, mat.n, r))
             out[name] = max(multiple, min(mat.max_rank, k // multiple * multiple))
         return out
 

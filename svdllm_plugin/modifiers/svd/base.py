@@ -46,6 +46,7 @@ from svdllm_plugin.modifiers.svd.decompose import (
     max_rank,
     output_match,
     output_objective,
+    params_of,
     rank_for_ratio,
     refit_u,
     removed_fraction,
@@ -119,7 +120,8 @@ class SVDLLMModifier(Modifier):
         ``re:`` patterns on module names). Default: every Linear.
     :param ignore: modules never compressed. Default: the (possibly tied) lm_head.
     :param ratio: fraction of each targeted matrix's parameters REMOVED, in (0, 1);
-        rank k = floor(m n (1 - ratio) / (m + n)). A matrix that would save nothing stays dense.
+        rank k = floor(m n (1 - ratio) / (m + n)) (see ``rank_multiple``). A matrix that would
+        save nothing stays dense.
     :param overrides: per-module ratios, ``{pattern: ratio}``; the first pattern that
         matches a module name (``re:`` regex or exact suffix) wins.
     :param method: ``svd_llm`` (whitening by ``whitening``), ``svd_llm_v2``
@@ -538,7 +540,7 @@ class SVDLLMModifier(Modifier):
         elif self.allocation == "v2":
             ranks = allocate_v2(matrices, uniform, self._ratio, self.rank_multiple, scale=self._tokens)
         else:
-            target = sum(m.m * m.n - uniform[m.name] * (m.m + m.n) for m in matrices)
+            target = sum(m.m * m.n - params_of(m.m, m.n, uniform[m.name]) for m in matrices)
             ranks = allocate_by_sensitivity(matrices, self._sensitivity(state), target, self.rank_multiple)
         logger.info(
             "{} allocation chose {} ranks in {:.1f}s",
@@ -623,7 +625,7 @@ class SVDLLMModifier(Modifier):
             n=n,
             rank=k,
             params_before=m * n,
-            params_after=k * (m + n),
+            params_after=params_of(m, n, k),
             loss=factors.loss,
             rel_loss=factors.loss / total if total > 0 else 0.0,
             tokens=tokens,
