@@ -35,6 +35,7 @@ SHAPES = {  # hidden, intermediate, heads, kv heads (Llama-2 7B / 13B, Llama-2/3
     "7b": (4096, 11008, 32, 32),
     "13b": (5120, 13824, 40, 40),
     "70b": (8192, 28672, 64, 8),
+    "7b-quarter": (1024, 2752, 8, 8),  # Llama-2-7B with every width divided by 4 (a quick series)
     "mini": (512, 1376, 8, 8),  # a smoke test of the script
 }
 FULL_LAYERS = {"7b": 32, "13b": 40, "70b": 80}
@@ -223,6 +224,43 @@ def report(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
+    """Full-model estimates from the per-layer medians of ``source`` runs (CPU, this machine).
+
+    Per decoder layer at fixed calibration tokens: forward and statistics scale with the weights
+    (x (h'/h)^2), the decompositions with n^3 (x (h'/h)^3). Memory beyond the model: one decoder
+    layer in float32, its X X^T, one float64 decomposition of the largest matrix.
+    """
+    import statistics as st
+
+    rows = [
+        "| model | option | layers | est. CPU hours (2 cores) | X X^T GiB | layer fp32 GiB "
+        "| largest decomposition GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    h0 = SHAPES[source][0]
+    runs = [r for r in results if r["shape"] == source and r["per_layer"]]
+    deepest = {r["option"]: max(x["layers"] for x in runs if x["option"] == r["option"]) for r in runs}
+    for r in sorted(runs, key=lambda r: r["option"]):
+        if r["layers"] != deepest[r["option"]]:
+            continue
+        keys = ("forward_s", "statistics_s", "decomposition_s")
+        med = {k: st.median(x[k] for x in r["per_layer"]) for k in keys}
+        for shape in ("7b", "13b", "70b"):
+            h, i = SHAPES[shape][:2]
+            scale = h / h0
+            streaming = med["forward_s"] + med["statistics_s"]
+            per_layer = streaming * scale**2 + med["decomposition_s"] * scale**3
+            hours = per_layer * FULL_LAYERS[shape] / 3600
+            decomposition = 8 * (i * i + 3 * h * i) / 2**30
+            rows.append(
+                f"| {shape} | {r['option']} | {FULL_LAYERS[shape]} | {hours:.1f} | "
+                f"{stats_formula_gib(shape, r['option']):.2f} | {layer_weights_gib(shape):.2f} | "
+                f"{decomposition:.2f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -250,6 +288,8 @@ def main() -> None:
                           seq_len=args.seq_len, threads=args.threads))
     results = run(specs, args.out) if specs else json.loads(args.out.read_text())
     print(report(results))
+    print()
+    print(extrapolate(results))
 
 
 if __name__ == "__main__":

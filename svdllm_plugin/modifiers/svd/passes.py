@@ -10,6 +10,7 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.offload import disable_onloading
 from torch import nn
 from tqdm import tqdm
 
@@ -33,24 +34,48 @@ def _device(model: nn.Module):
 
 
 def fisher_row_importance(model: nn.Module, linears: dict[str, nn.Linear], dataloader, limit: int) -> dict:
-    """I_i = sum over batches of sum_j (dL/dW_ij)^2 for every row i of every given Linear."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for linear in linears.values():
-        linear.weight.requires_grad_(True)
+    """I_i = sum over batches of sum_j (dL/dW_ij)^2 for every row i of every given Linear.
+
+    Computed from each Linear's input x and output gradient g, dL/dW = sum_t g_t x_t^T, so no
+    weight gradient is needed: with offloading, a weight's ``.grad`` would land on a temporary
+    onloaded copy. Memory: autograd keeps the onloaded weight of every Linear until the
+    backward of the batch, so this pass holds the model's weights once (where they onload:
+    the GPU with sequential onloading) plus one batch's activations; it is the one pass of
+    the modifier that does not run in O(one decoder layer).
+    """
     importance = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
+
+    def observe(name):
+        def hook(module, args, output):
+            x = args[0].detach()
+
+            def accumulate(g):  # g: dL/d output, (..., m); x: (..., n)
+                G = g.reshape(-1, g.shape[-1]).T.double() @ x.reshape(-1, x.shape[-1]).double()  # (m, n)
+                importance[name] += G.pow(2).sum(1).cpu()
+
+            output.register_hook(accumulate)
+
+        return hook
+
+    def needs_grad(module, args, output):  # gradients flow from the embeddings on, to no weight
+        return output.requires_grad_(True)
+
+    handles = [lin.register_forward_hook(observe(name)) for name, lin in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+    with disable_onloading():  # flip the stored parameters' flags without reading them
+        flags = {p: p.requires_grad for p in model.parameters()}
+        for p in flags:
+            p.requires_grad_(False)
     try:
         with torch.enable_grad():
             for batch in tqdm(list(_batches(dataloader, limit, _device(model))), desc="FWSVD Fisher"):
-                model.zero_grad(set_to_none=True)
                 model(**batch, labels=batch["input_ids"]).loss.backward()
-                for name, lin in linears.items():
-                    importance[name] += lin.weight.grad.double().pow(2).sum(1).cpu()
     finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+        for handle in handles:
+            handle.remove()
+        with disable_onloading():
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
     return importance
 
 
