@@ -53,6 +53,7 @@ class FactorRefitModifier(Modifier):
     _W_v: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _tokens: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _gains: list[dict] = PrivateAttr(default_factory=list)
+    _warned: bool = PrivateAttr(default=False)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         for name, module in match_named_modules(state.model, self.targets, self.ignore):
@@ -92,6 +93,14 @@ class FactorRefitModifier(Modifier):
             H = self._H.pop(svd_v) / max(self._tokens.pop(svd_v), 1)  # (n, n)
             W_v0 = self._W_v.pop(svd_v)  # (k, n)
             Q = svd_v.weight.detach().to(torch.float64)  # (k, n): quantized by now
+            if torch.equal(Q, W_v0) and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "FactorRefitModifier: svd_v of {} was not changed in this pass, so there is nothing to "
+                    "refit for; run it in the SAME sequential pass as, and after, the GPTQModifier of svd_v "
+                    "(oneshot(..., pipeline='sequential'))",
+                    self._layers[svd_v],
+                )
             W_u0 = layer.svd_u.weight.detach().to(torch.float64)  # (m, k)
             W_u = refit_u(W_u0 @ W_v0, Q, H, damp=self.damp)  # target W_u0 W_v0 X through Q(W_v)
             before = _objective(W_u0 @ W_v0, W_u0, Q, H)
