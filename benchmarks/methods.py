@@ -48,13 +48,15 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--runs", nargs="+", default=None, help="CONFIG@RATIO pairs instead of the grid")
     parser.add_argument("--name", default="methods")
-    parser.add_argument("--skip-floor", action="store_true", help="measure the floor once, not per run")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexities")
+    parser.add_argument("--skip-floor", action="store_true", help="no forward floor (x_floor is nan)")
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
-    dense_ppl = bench.ppl(bench.model)
-    dense_other = bench.ppl_other(bench.model)
-    floor_forward = forward_floor(bench)
+    nan = float("nan")
+    dense_ppl = bench.ppl(bench.model) if not args.no_dense else nan
+    dense_other = bench.ppl_other(bench.model) if not args.no_dense else nan
+    floor_forward = forward_floor(bench) if not args.skip_floor else nan
     rows = []
     grid = [(c, r) for c in args.configs for r in args.ratios]
     if args.runs:
