@@ -29,7 +29,7 @@ def run(model, calib, recipe, **kwargs):
     )
 
 
-def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib):
+def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib, tmp_path):
     run(tiny, calib, [SVDLLMModifier(ratio=0.4, rank_multiple=16)])
     layer = tiny.model.layers[1].mlp.gate_proj
     W_u0 = layer.svd_u.weight.detach().clone()
@@ -45,6 +45,12 @@ def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib):
         if isinstance(module, SVDLinear):
             assert module.svd_u.quantization_scheme is not None
             assert module.svd_v.quantization_scheme is not None
+    from svdllm_plugin.checkpoint import save_pretrained
+    from svdllm_plugin.quantized import read_quantized_weights
+
+    save_pretrained(tiny, tmp_path / "ckpt")  # both GPTQ passes pack into one checkpoint
+    weights = read_quantized_weights(tmp_path / "ckpt")
+    assert any(name.endswith("svd_u") for name in weights) and any(name.endswith("svd_v") for name in weights)
 
 
 def test_refit_needs_factorized_layers(tiny, calib):
