@@ -56,3 +56,25 @@ def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib, 
 def test_refit_needs_factorized_layers(tiny, calib):
     with pytest.raises(ValueError, match="no SVDLinear"):
         run(tiny, calib, [FactorRefitModifier()])
+
+
+def test_sigma_auto_puts_sigma_on_svd_v_when_the_factors_are_quantized(
+    tiny_factory, tokenizer, calib, tmp_path
+):
+    """With a later GPTQ of the factors, W_u = U_k (orthonormal columns of even scale): a dominant
+    sigma_1 no longer dwarfs the other columns of its quantization group."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_factory().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    alone = SVDLLMModifier(ratio=0.4, rank_multiple=16)
+    run(AutoModelForCausalLM.from_pretrained(tmp_path), calib, [alone])
+    assert alone.sigma == "auto" and alone._sigma == "split"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    stacked = SVDLLMModifier(ratio=0.4, rank_multiple=16)
+    run(model, calib, [stacked, gptq("Linear", bits=8)])
+    assert stacked._sigma == "v"
+    W_u = model.model.layers[0].mlp.up_proj.svd_u.weight.double()
+    gram = W_u.T @ W_u  # ~ I up to 8-bit rounding
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=gram.dtype), atol=0.05, rtol=0)
+    assert SVDLLMModifier(sigma="split").sigma == "split"

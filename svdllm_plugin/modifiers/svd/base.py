@@ -132,7 +132,11 @@ class SVDLLMModifier(Modifier):
     :param rank_multiple: ranks are multiples of this (e.g. 8; the GPTQ group size when the
         factors are quantized, since svd_u's input width is the rank): each rank is rounded
         down or up, rebalanced so the parameters removed match the ratio (``achieved_ratio``).
-    :param sigma: where Sigma goes: ``split`` (Sigma^1/2 on both), ``u`` or ``v``.
+    :param sigma: where Sigma goes: ``split`` (Sigma^1/2 on both), ``u`` or ``v``; ``auto``
+        (default): ``v`` when a later modifier of the recipe quantizes ``svd_u``, else
+        ``split``. With ``v``, W_u = U_k has orthonormal columns of even scale; with ``split``
+        a dominant sigma_1 (the massive-activation direction of down_proj's input) makes one
+        column of W_u dwarf the others in its quantization group, which then round to zero.
     :param activations: statistics from the ``original`` model's activations (the paper)
         or from the ``propagated`` outputs of already-compressed layers.
     :param asvd_alpha: ASVD exponent, scale s_j = stat_j ** alpha.
@@ -170,7 +174,7 @@ class SVDLLMModifier(Modifier):
     method: Method = "svd_llm"
     whitening: Literal["cholesky", "eigh"] = "cholesky"
     rank_multiple: int = 1
-    sigma: Literal["split", "u", "v"] = "split"
+    sigma: Literal["auto", "split", "u", "v"] = "auto"
     activations: Literal["original", "propagated"] = "original"
     asvd_alpha: float = 0.5
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
@@ -197,6 +201,7 @@ class SVDLLMModifier(Modifier):
     _seconds: dict[str, float] = PrivateAttr(default_factory=dict)  # deferred factorizations
     _tokens: dict[str, int] = PrivateAttr(default_factory=dict)
     _achieved_ratio: float = PrivateAttr(default=0.0)
+    _sigma: str = PrivateAttr(default="split")
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -321,7 +326,8 @@ class SVDLLMModifier(Modifier):
                 f"SVDLLMModifier: none of the {len(matched)} matched matrices saves parameters "
                 f"at ratio={self._ratio}; raise `ratio`"
             )
-        _check_group_sizes(self, self._layers)
+        quantized = _check_group_sizes(self, self._layers)
+        self._sigma = ("v" if quantized else "split") if self.sigma == "auto" else self.sigma
         self._achieved_ratio = removed_fraction(
             [(lin.out_features, lin.in_features) for _, lin in matched],
             [self._layers[name].rank if name in self._layers else 0 for name, _ in matched],
@@ -487,7 +493,7 @@ class SVDLLMModifier(Modifier):
             # keep only the spectrum here; the factors, capped at the largest rank the
             # allocation may choose, go into the layer itself (offloaded with the model)
             self._uniform[name] = layer.rank
-            factors = factorize(W, self._stored_rank(layer), S, row_scale, self.sigma)
+            factors = factorize(W, self._stored_rank(layer), S, row_scale, self._sigma)
             layer.set_factors(factors.W_u, factors.W_v)
             self._spectra[name], self._tokens[name] = factors.sigma.cpu(), stats.tokens
             return
@@ -512,8 +518,8 @@ class SVDLLMModifier(Modifier):
         """
         if self.update == "output":  # S is unused: the fit whitens with the propagated H'
             S_p = self._whiten(stats.covariance(), "")
-            return output_match(W, k, stats.cross_covariance(), stats.covariance(), S_p, self.sigma)
-        factors = factorize(W, k, S, row_scale, self.sigma)
+            return output_match(W, k, stats.cross_covariance(), stats.covariance(), S_p, self._sigma)
+        factors = factorize(W, k, S, row_scale, self._sigma)
         if self.update == "input":  # stats are the propagated inputs here
             factors.W_u = refit_u(W, factors.W_v, stats.covariance())
         return factors
@@ -668,8 +674,9 @@ def _inside_svd_linear(name: str) -> bool:
     return name.endswith((".svd_u", ".svd_v"))
 
 
-def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None:
-    """Fail at initialize when a later quantization modifier's group size does not divide a rank.
+def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> bool:
+    """Whether a later modifier of the recipe quantizes the factors' ``svd_u`` weights; fails at
+    initialize when its group size does not divide a rank.
 
     svd_u's input width is the rank k, and group quantization splits the input columns into
     whole groups: GPTQ would fail only after the SVD calibration has run.
@@ -680,23 +687,28 @@ def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None
     modifiers = list(getattr(active_session().lifecycle.recipe, "modifiers", None) or [])
     position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
     if position is None:
-        return
+        return False
+    quantized = False
     for later in modifiers[position + 1 :]:
         if not hasattr(later, "resolve_quantization_config"):
             continue
         config = later.resolve_quantization_config()
         for scheme in config.config_groups.values():
-            group_size = getattr(scheme.weights, "group_size", None)
-            if not group_size or group_size < 1:
+            if scheme.weights is None:
                 continue
+            group_size = getattr(scheme.weights, "group_size", None) or 0
             for name, layer in layers.items():
                 child = f"{name}.svd_u"
-                if layer.rank % group_size == 0 or not match_targets(child, layer.svd_u, scheme.targets):
+                if not match_targets(child, layer.svd_u, scheme.targets):
                     continue
                 if match_targets(child, layer.svd_u, config.ignore):
+                    continue
+                quantized = True
+                if group_size < 1 or layer.rank % group_size == 0:
                     continue
                 raise ValueError(
                     f"{type(later).__name__} quantizes {child} in groups of {group_size} input columns, but "
                     f"its input width is the SVD rank {layer.rank}, not a multiple of {group_size}; set "
                     f"`rank_multiple: {group_size}` in SVDLLMModifier"
                 )
+    return quantized
