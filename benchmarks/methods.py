@@ -29,6 +29,7 @@ CONFIGS = {
     "svd_llm+loss": dict(method="svd_llm", allocation="loss"),
     "svd_llm+update": dict(method="svd_llm", closed_form_update=True),
     "svd_llm+output": dict(method="svd_llm", update="output"),
+    "svd_llm+output_u": dict(method="svd_llm", update="output_u"),
     "svd_llm+v2alloc": dict(method="svd_llm", allocation="v2"),
     "svd_llm+global": dict(method="svd_llm", allocation="global"),
     "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),

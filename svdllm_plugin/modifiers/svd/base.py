@@ -64,7 +64,7 @@ __all__ = ["SVDLLMModifier"]
 LOSS_SPREAD = 0.5  # `loss` allocation: each rank stays within (1 -/+ spread) x its uniform rank
 
 Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
-Update = Literal["none", "input", "output"]
+Update = Literal["none", "input", "output", "output_u"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ UPDATES: dict[str, UpdateSpec] = {
     "none": UpdateSpec(original=False, cross=False, propagated=False),
     "input": UpdateSpec(original=True, cross=False, propagated=True),  # SVD-LLM: W_u W_v X' ~ W X'
     "output": UpdateSpec(original=True, cross=True, propagated=True),  # W_u W_v X' ~ W X (original)
+    "output_u": UpdateSpec(original=True, cross=True, propagated=True),  # same target, W_v kept
 }
 
 
@@ -157,7 +158,9 @@ class SVDLLMModifier(Modifier):
         decoder layer): ``input`` (SVD-LLM's: whiten with the original statistics, refit W_u
         so that W_u W_v X' matches W X'), ``output`` (the rank-k W' minimising
         ||W X - W' X'|| for the ORIGINAL inputs X: pulls outputs back to the original
-        model's), or ``none``.
+        model's; an (n, n) least-squares map, which can over-fit the calibration tokens),
+        ``output_u`` (the same target, W_v of the whitened truncation kept and only W_u refit:
+        a k x k system, never worse on the objective than truncation or ``input``), or ``none``.
     :param closed_form_update: ``true`` is ``update: input`` (recipes before ``update``); it
         reads true whenever an update is on.
     :param fisher_batches: calibration batches for FWSVD's gradient pass.
@@ -275,7 +278,7 @@ class SVDLLMModifier(Modifier):
                 f"update={self.update!r} carries the original statistics beside the propagated inputs; "
                 "it needs `activations: original` and `allocation: uniform`"
             )
-        if self.update == "output" and self.row_weighting != "none":
+        if self.update.startswith("output") and self.row_weighting != "none":
             raise ValueError("update='output' fits the original outputs unweighted; use row_weighting: none")
         if self.update != "none" and spec.weighting != "whiten":
             raise ValueError(f"update={self.update!r} applies to the whitening methods svd_llm / svd_llm_v2")
@@ -522,6 +525,8 @@ class SVDLLMModifier(Modifier):
         factors = factorize(W, k, S, row_scale, self._sigma)
         if self.update == "input":  # stats are the propagated inputs here
             factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        elif self.update == "output_u":  # W_u W_v X' ~ W X with the truncation's W_v
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance(), C=stats.cross_covariance())
         return factors
 
     def _stored_rank(self, layer: SVDLinear) -> int:

@@ -239,17 +239,20 @@ def truncation_loss(sigma: torch.Tensor, k: int) -> float:
     return float((sigma[k:].to(torch.float64) ** 2).sum())
 
 
-def refit_u(W: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
-    """SVD-LLM's closed-form update: with W_v (k, n) fixed, the W_u (m, k) minimising
-    ||W X - W_u W_v X||_F^2 for inputs with H = X X^T (n, n):
+def refit_u(
+    W: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, damp: float = 1e-6, C: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Closed-form W_u (m, k) for a fixed W_v (k, n), inputs X' with H = X' X'^T (n, n):
 
-        W_u = W H W_v^T (W_v H W_v^T)^{-1}
+        C None (SVD-LLM's update):  min ||W X' - W_u W_v X'||_F^2 -> W_u = W H W_v^T (W_v H W_v^T)^{-1}
+        C = X X'^T (output target): min ||W X  - W_u W_v X'||_F^2 -> W_u = W C W_v^T (W_v H W_v^T)^{-1}
 
-    A relative ``damp`` on the diagonal keeps the k x k system solvable.
+    with X the original model's inputs on the same tokens. A relative ``damp`` on the
+    diagonal keeps the k x k system solvable.
     """
     W, W_v, H = W.to(torch.float64), W_v.to(torch.float64), H.to(torch.float64)
     A = W_v @ H @ W_v.T  # (k, k)
-    B = W @ H @ W_v.T  # (m, k)
+    B = W @ (H if C is None else C.to(torch.float64)) @ W_v.T  # (m, k)
     A = A + damp * A.diagonal().mean().clamp_min(1e-30) * torch.eye(
         A.shape[0], dtype=A.dtype, device=A.device
     )
