@@ -25,6 +25,7 @@ from frontier import gptq
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.layers import SVDLinear
 from svdllm_plugin.modifiers.svd import FactorRefitModifier
+from svdllm_plugin.modifiers.svd.decompose import rotate_factors
 from svdllm_plugin.offload import write_parameter
 
 SMOLLM2_FLOOR = {  # ratios whose exact ranks are the old floor-to-64 ranks at ratio 0.2
@@ -35,15 +36,21 @@ SMOLLM2_FLOOR = {  # ratios whose exact ranks are the old floor-to-64 ranks at r
 
 
 def resplit(model: torch.nn.Module, sigma_on: str) -> None:
-    """Move Sigma between the factors of every SVDLinear made with sigma 'split'."""
+    """Move Sigma between the factors of every SVDLinear made with sigma 'split'; ``rot-SIGMA``
+    also rotates the rank space by a random orthogonal matrix (``rotate_factors``)."""
+    rotate = sigma_on.startswith("rot-")
+    sigma_on = sigma_on.removeprefix("rot-")
     for layer in model.modules():
         if not isinstance(layer, SVDLinear):
             continue
         W_u, W_v = layer.factors()
         root = W_u.double().norm(dim=0).clamp_min(1e-30)  # sqrt(sigma_i), (k,)
         scale = {"u": root, "v": 1.0 / root, "split": torch.ones_like(root)}[sigma_on]
-        write_parameter(layer.svd_u, "weight", (W_u.double() * scale).to(W_u.dtype))
-        write_parameter(layer.svd_v, "weight", (W_v.double() / scale[:, None]).to(W_v.dtype))
+        W_u, W_v = (W_u.double() * scale).to(W_u.dtype), (W_v.double() / scale[:, None]).to(W_v.dtype)
+        if rotate:
+            W_u, W_v = rotate_factors(W_u, W_v)
+        write_parameter(layer.svd_u, "weight", W_u)
+        write_parameter(layer.svd_v, "weight", W_v)
 
 
 def main() -> None:
@@ -56,10 +63,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--name", default="quant_factors")
+    parser.add_argument("--no-dense", action="store_true")
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
-    rows = [dict(variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model))]
+    rows = []
+    if not args.no_dense:
+        rows.append(dict(variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model)))
     svd_models: dict[str, torch.nn.Module] = {}
 
     def svd_model(key: str, **settings) -> torch.nn.Module:
@@ -86,7 +96,7 @@ def main() -> None:
             recipe = [gptq(args.bits)]
         elif variant.startswith("qa"):  # qa-SIGMA: GPTQ svd_v, refit W_u on Q(W_v) X, GPTQ svd_u
             model = copy.deepcopy(svd_model("nearest"))
-            resplit(model, variant.split("-", 1)[1] if "-" in variant else "split")
+            resplit(model, variant.split("-", 1)[1] if "-" in variant else "split")  # qa-v, qa-rot-v
             refit = FactorRefitModifier()
             model, _ = run_recipe(
                 bench, [gptq(args.bits, "re:.*svd_v$"), refit], model=model, pipeline="sequential"

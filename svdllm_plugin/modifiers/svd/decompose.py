@@ -34,6 +34,7 @@ __all__ = [
     "refit_u",
     "output_match",
     "output_objective",
+    "rotate_factors",
 ]
 
 
@@ -304,3 +305,17 @@ def output_objective(
     VHV = W_v @ H_p @ W_v.T  # (k, k)
     compressed = ((W_u @ VHV) * W_u).sum()
     return float(dense - 2 * cross + compressed)
+
+
+def rotate_factors(W_u: torch.Tensor, W_v: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_u R^T, R W_v) for a seeded random orthogonal R (k, k): the same product, but the rank
+    space is no longer the singular basis, so svd_u's input Hessian R Sigma^2 R^T is not
+    diagonal (GPTQ can compensate rounding across columns) and a dominant direction is spread
+    over all columns (incoherence, as in QuIP) instead of sitting in one.
+    """
+    k = W_v.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    Q, Rr = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    R = Q * torch.sign(torch.diagonal(Rr))  # Haar-distributed orthogonal (k, k)
+    R = R.to(W_v.device)
+    return (W_u.to(torch.float64) @ R.T).to(W_u.dtype), (R @ W_v.to(torch.float64)).to(W_v.dtype)
