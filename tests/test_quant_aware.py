@@ -73,8 +73,25 @@ def test_sigma_auto_puts_sigma_on_svd_v_when_the_factors_are_quantized(
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     stacked = SVDLLMModifier(ratio=0.4, rank_multiple=16)
     run(model, calib, [stacked, gptq("Linear", bits=8)])
-    assert stacked._sigma == "v"
+    assert stacked._sigma == "v" and stacked._rotate and not alone._rotate
     W_u = model.model.layers[0].mlp.up_proj.svd_u.weight.double()
     gram = W_u.T @ W_u  # ~ I up to 8-bit rounding
     torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=gram.dtype), atol=0.05, rtol=0)
     assert SVDLLMModifier(sigma="split").sigma == "split"
+
+
+def test_rotation_keeps_the_product_and_couples_svd_u_inputs():
+    from svdllm_plugin.modifiers.svd.decompose import factorize, rotate_factors, whiten_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    X = (
+        torch.randn(24, 300, generator=g, dtype=torch.float64)
+        * torch.linspace(0.1, 10, 24, dtype=torch.float64)[:, None]
+    )
+    W = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    f = factorize(W, 8, whiten_cholesky(X @ X.T), sigma_on="v")
+    W_u, W_v = rotate_factors(f.W_u, f.W_v)
+    torch.testing.assert_close(W_u @ W_v, f.W_u @ f.W_v)
+    H_plain, H_rot = (V @ X @ X.T @ V.T for V in (f.W_v, W_v))  # svd_u's input Hessians
+    off = lambda H: float((H - torch.diag(H.diagonal())).norm() / H.norm())  # noqa: E731
+    assert off(H_plain) < 1e-8 and off(H_rot) > 0.1  # diagonal: GPTQ can compensate nothing

@@ -50,6 +50,7 @@ from svdllm_plugin.modifiers.svd.decompose import (
     rank_for_ratio,
     refit_u,
     removed_fraction,
+    rotate_factors,
     round_ranks,
     saves_parameters,
     truncation_loss,
@@ -138,6 +139,11 @@ class SVDLLMModifier(Modifier):
         ``split``. With ``v``, W_u = U_k has orthonormal columns of even scale; with ``split``
         a dominant sigma_1 (the massive-activation direction of down_proj's input) makes one
         column of W_u dwarf the others in its quantization group, which then round to zero.
+    :param rotation: ``random`` multiplies the factors by a seeded random orthogonal k x k
+        matrix, W_u R^T and R W_v (same product): in the singular basis svd_u's input Hessian
+        is diagonal, so GPTQ cannot compensate any rounding of W_u (it degenerates to
+        round-to-nearest); rotated, it can, and dominant directions are spread over all
+        columns. ``auto`` (default): ``random`` when a later modifier quantizes ``svd_u``.
     :param activations: statistics from the ``original`` model's activations (the paper)
         or from the ``propagated`` outputs of already-compressed layers.
     :param asvd_alpha: ASVD exponent, scale s_j = stat_j ** alpha.
@@ -178,6 +184,7 @@ class SVDLLMModifier(Modifier):
     whitening: Literal["cholesky", "eigh"] = "cholesky"
     rank_multiple: int = 1
     sigma: Literal["auto", "split", "u", "v"] = "auto"
+    rotation: Literal["auto", "none", "random"] = "auto"
     activations: Literal["original", "propagated"] = "original"
     asvd_alpha: float = 0.5
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
@@ -205,6 +212,7 @@ class SVDLLMModifier(Modifier):
     _tokens: dict[str, int] = PrivateAttr(default_factory=dict)
     _achieved_ratio: float = PrivateAttr(default=0.0)
     _sigma: str = PrivateAttr(default="split")
+    _rotate: bool = PrivateAttr(default=False)
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -331,6 +339,7 @@ class SVDLLMModifier(Modifier):
             )
         quantized = _check_group_sizes(self, self._layers)
         self._sigma = ("v" if quantized else "split") if self.sigma == "auto" else self.sigma
+        self._rotate = quantized if self.rotation == "auto" else self.rotation == "random"
         self._achieved_ratio = removed_fraction(
             [(lin.out_features, lin.in_features) for _, lin in matched],
             [self._layers[name].rank if name in self._layers else 0 for name, _ in matched],
@@ -501,6 +510,8 @@ class SVDLLMModifier(Modifier):
             self._spectra[name], self._tokens[name] = factors.sigma.cpu(), stats.tokens
             return
         factors = self._fit(W, layer.rank, S, row_scale, stats, original)
+        if self._rotate:
+            factors.W_u, factors.W_v = rotate_factors(factors.W_u, factors.W_v)
         layer.set_factors(factors.W_u, factors.W_v)
         if self.propagates:
             layer.activate()
@@ -564,6 +575,8 @@ class SVDLLMModifier(Modifier):
             k = min(ranks[name], layer.rank)
             W_u, W_v = layer.factors()
             factors = Factors(W_u[:, :k], W_v[:k], sigma, truncation_loss(sigma, k))
+            if self._rotate:
+                factors.W_u, factors.W_v = rotate_factors(factors.W_u, factors.W_v)
             layer.set_factors(factors.W_u, factors.W_v)
             self._record(name, layer, factors, self._tokens.get(name, 0), self._seconds.get(name, 0.0))
 
