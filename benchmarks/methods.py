@@ -30,6 +30,7 @@ CONFIGS = {
     "svd_llm+update": dict(method="svd_llm", closed_form_update=True),
     "svd_llm+output": dict(method="svd_llm", update="output"),
     "svd_llm+output_u": dict(method="svd_llm", update="output_u"),
+    "svd_llm+output_u_damp": dict(method="svd_llm", update="output_u", update_damp=1e-2),
     "svd_llm+v2alloc": dict(method="svd_llm", allocation="v2"),
     "svd_llm+global": dict(method="svd_llm", allocation="global"),
     "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),
@@ -116,8 +117,7 @@ def main() -> None:
     ]
     table = (
         f"dense perplexity {dense_ppl:.3f} (other domain {dense_other:.3f}); "
-        f"floor forward pass {floor_forward:.1f}s\n\n"
-        + markdown(rows, columns)
+        f"floor forward pass {floor_forward:.1f}s\n\n" + markdown(rows, columns)
     )
     print(table)
     (

@@ -169,6 +169,8 @@ class SVDLLMModifier(Modifier):
         a k x k system, never worse on the objective than truncation or ``input``), or ``none``.
     :param closed_form_update: ``true`` is ``update: input`` (recipes before ``update``); it
         reads true whenever an update is on.
+    :param update_damp: relative ridge on the update's linear system (diagonal += damp x its
+        mean): larger values shrink the fit.
     :param fisher_batches: calibration batches for FWSVD's gradient pass.
     :param sensitivity_ratios: candidate ratios of the sensitivity search.
     :param sensitivity_batches: calibration batches per sensitivity measurement.
@@ -192,6 +194,7 @@ class SVDLLMModifier(Modifier):
     allocation: Literal["uniform", "loss", "v2", "global", "sensitivity"] = "uniform"
     row_weighting: Literal["none", "fisher"] = "none"
     update: Update = "none"
+    update_damp: float = 1e-6
     closed_form_update: bool = False
     fisher_batches: int = 8
     sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -532,12 +535,16 @@ class SVDLLMModifier(Modifier):
         """
         if self.update == "output":  # S is unused: the fit whitens with the propagated H'
             S_p = self._whiten(stats.covariance(), "")
-            return output_match(W, k, stats.cross_covariance(), stats.covariance(), S_p, self._sigma)
+            return output_match(
+                W, k, stats.cross_covariance(), stats.covariance(), S_p, self._sigma, damp=self.update_damp
+            )
         factors = factorize(W, k, S, row_scale, self._sigma)
         if self.update == "input":  # stats are the propagated inputs here
-            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance(), damp=self.update_damp)
         elif self.update == "output_u":  # W_u W_v X' ~ W X with the truncation's W_v
-            factors.W_u = refit_u(W, factors.W_v, stats.covariance(), C=stats.cross_covariance())
+            factors.W_u = refit_u(
+                W, factors.W_v, stats.covariance(), damp=self.update_damp, C=stats.cross_covariance()
+            )
         return factors
 
     def _stored_rank(self, layer: SVDLinear) -> int:
