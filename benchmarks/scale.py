@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def child(spec: dict) -> dict:
     oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifier,
             num_calibration_samples=spec["samples"], max_seq_length=spec["seq_len"])
     total_s = time.perf_counter() - start
+    shutil.rmtree(offload, ignore_errors=True)
     layers = _per_layer(timing, modifier.records)
     return dict(
         spec, load_s=load_s, total_s=total_s, per_layer=layers, modules=len(modifier.records),
@@ -133,7 +135,7 @@ def _instrument(modifier_cls, collector_cls) -> dict:
         ready(self)
         done = ({r["name"] for r in self._records} | set(self._spectra)) - before
         layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in done})
-        timing["ends"].append((time.perf_counter(), timing["stats_s"], layers))
+        timing["ends"].append((time.perf_counter(), timing["stats_s"], layers, time.process_time()))
 
     collector_cls.__call__, modifier_cls._compress_ready = timed_call, timed_ready
     timing["start"] = None
@@ -147,14 +149,14 @@ def _per_layer(timing: dict, records: list[dict]) -> list[dict]:
     for r in records:
         index = int(r["name"].split(".layers.")[1].split(".")[0])
         decomposition[index] = decomposition.get(index, 0.0) + r["seconds"]
-    out, previous, stats_before = [], timing["start"], 0.0
-    for end, stats, layers in timing["ends"]:
+    out, previous, stats_before, cpu_before = [], timing["start"], 0.0, 0.0
+    for end, stats, layers, cpu in timing["ends"]:
         if len(layers) == 1 and previous is not None:
             i = layers[0]
             wall, statistics = end - previous, stats - stats_before
             out.append(dict(layer=i, wall_s=wall, statistics_s=statistics, decomposition_s=decomposition[i],
-                            forward_s=wall - statistics - decomposition[i]))
-        previous, stats_before = end, stats
+                            forward_s=wall - statistics - decomposition[i], cpu_s=cpu - cpu_before))
+        previous, stats_before, cpu_before = end, stats, cpu
     return out  # (layer 0 is left out: its turn also holds the tracing and the cache set-up)
 
 
@@ -179,11 +181,15 @@ def run(specs: list[dict], out: Path) -> list[dict]:
             subprocess.run(make, check=True)
         print(f"== {spec}", flush=True)
         command = [sys.executable, __file__, "--child", json.dumps(spec)]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        # glibc raises its mmap threshold after large frees, then keeps freed heap pages: peak RSS
+        # would grow with the number of matrices decomposed, not with what is alive. A fixed
+        # threshold returns every large buffer to the system when freed.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], flush=True)
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = dict(json.loads(proc.stdout.strip().splitlines()[-1]), malloc_mmap_threshold=1 << 20)
         results = [r for r in results if _key(r) != _key(result)] + [result]
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "per_layer"}), flush=True)
@@ -198,17 +204,18 @@ def report(results: list[dict]) -> str:
     import statistics as st
 
     rows = [
-        "| shape | layers | option | peak RSS GiB | per layer s (forward / statistics / decomposition) "
-        "| peak X X^T GiB (formula) | total s |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | layers | option | peak RSS GiB | per layer wall s (forward / statistics / decomposition) "
+        "| per layer CPU s | peak X X^T GiB (formula) | total s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["shape"], r["option"], r["layers"])):
         per = r["per_layer"]
-        med = {k: st.median(x[k] for x in per) if per else float("nan")
-               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s")}
+        med = {k: st.median(x.get(k, float("nan")) for x in per) if per else float("nan")
+               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s", "cpu_s")}
         rows.append(
             f"| {r['shape']} | {r['layers']} | {r['option']} | {r['peak_rss_gib']:.2f} | {med['wall_s']:.1f} "
             f"({med['forward_s']:.1f} / {med['statistics_s']:.1f} / {med['decomposition_s']:.1f}) | "
+            f"{med['cpu_s']:.1f} | "
             f"{r['peak_stats_gib']:.3f} ({stats_formula_gib(r['shape'], r['option']):.3f}) | "
             f"{r['total_s']:.0f} |"
         )
@@ -234,7 +241,7 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     import statistics as st
 
     rows = [
-        "| model | option | layers | est. CPU hours (2 cores) | X X^T GiB | layer fp32 GiB "
+        "| model | option | layers | est. hours, 1 CPU core | X X^T GiB | layer fp32 GiB "
         "| largest decomposition GiB |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -245,7 +252,7 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
         if r["layers"] != deepest[r["option"]]:
             continue
         keys = ("forward_s", "statistics_s", "decomposition_s")
-        med = {k: st.median(x[k] for x in r["per_layer"]) for k in keys}
+        med = {k: st.median(x[k] * _cpu_share(x) for x in r["per_layer"]) for k in keys}
         for shape in ("7b", "13b", "70b"):
             h, i = SHAPES[shape][:2]
             scale = h / h0
@@ -261,6 +268,29 @@ def extrapolate(results: list[dict], source: str = "7b-quarter") -> str:
     return "\n".join(rows)
 
 
+def probe_matrix(m: int, n: int) -> dict:
+    """CPU seconds of one whitening decomposition of an (m, n) matrix (float64, this process)."""
+    import torch
+
+    from svdllm_plugin.modifiers.svd.decompose import factorize, rank_for_ratio, whiten_cholesky
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(m, n, generator=g) * 0.02
+    X = torch.randn(n, 64, generator=g, dtype=torch.float64)
+    H = X @ X.T / 64 + torch.eye(n, dtype=torch.float64)  # (n, n) positive definite, cheap to build
+    start = time.process_time()
+    S = whiten_cholesky(H)
+    whitening = time.process_time() - start
+    factorize(W, rank_for_ratio(m, n, 0.4), S)
+    return dict(m=m, n=n, whitening_cpu_s=whitening, total_cpu_s=time.process_time() - start)
+
+
+def _cpu_share(layer: dict) -> float:
+    """CPU seconds per wall second of a layer's turn (the machine is shared: wall > CPU time)."""
+    return layer["cpu_s"] / layer["wall_s"] if "cpu_s" in layer else 1.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -268,15 +298,20 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=[], help="shape:layers:option, e.g. 7b:2:uniform")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)  # 2 threads crawl on a busy 2-core machine
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-matrix", nargs=2, type=int, metavar=("M", "N"),
+                        help="CPU seconds of one float64 whitening decomposition of an M x N matrix")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.make:
         make_model(args.make[0], int(args.make[1]))
+        return
+    if args.probe_matrix:
+        print(json.dumps(probe_matrix(*args.probe_matrix)))
         return
     if args.child:
         print(json.dumps(child(json.loads(args.child))))

@@ -627,9 +627,11 @@ class SVDLLMModifier(Modifier):
 
     def _weighting(self, stats, name: str, cache: dict) -> torch.Tensor | None:
         """The right weighting S of the method (S S^T = X X^T, or ASVD's diagonal as a vector);
-        cached per statistics object (shared inputs)."""
+        cached per statistics object (shared inputs). Only the latest is kept: modules that share
+        an input come one after another, and one n x n float64 S at a time is what memory allows."""
         key = id(stats)
         if key not in cache:
+            cache.clear()
             weighting = METHODS[self.method].weighting
             if weighting == "none":  # plain SVD; FWSVD weights rows, not inputs
                 cache[key] = None
