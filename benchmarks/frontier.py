@@ -36,6 +36,7 @@ def svd(ratio: float, multiple: int = 64, variant: str = ""):
     parts = set(filter(None, variant.split("+")))
     sigma = next((p for p in ("u", "v", "split") if p in parts), "split")
     settings = dict(update="output") if "output" in parts else {}
+    settings["rotation"] = "random" if "rot" in parts else "none"  # GPTQ runs in its own oneshot
     return SVDLLMModifier(ratio=ratio, rank_multiple=multiple, sigma=sigma, **settings)
 
 
@@ -66,9 +67,10 @@ def main() -> None:
     parser.add_argument(
         "--svd",
         nargs="*",
-        default=["0.2:4", "0.2:3", "0.4:4"],
+        default=["0.2:4:v+rot", "0.2:3:v+rot", "0.4:4:v+rot"],
         help="RATIO:BITS[:VARIANT] points of SVD-LLM followed by GPTQ; VARIANT '+'-joins output, "
-        "split|u|v (sigma placement) and qa (quantization-aware two-pass GPTQ with W_u refit)",
+        "split|u|v (sigma placement), rot (random rotation of the rank space) and qa "
+        "(quantization-aware two-pass GPTQ with W_u refit)",
     )
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
