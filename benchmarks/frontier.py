@@ -19,19 +19,39 @@ from common import RESULTS, markdown, run_recipe, save, setup
 from svdllm_plugin.checkpoint import save_pretrained
 
 
-def gptq(bits: int, group_size: int = 64):
+def gptq(bits: int, targets: str = "Linear", group_size: int = 64):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = dict(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     return GPTQModifier(
-        config_groups={"group_0": dict(targets=["Linear"], weights=weights)}, ignore=["re:.*lm_head"]
+        config_groups={"group_0": dict(targets=[targets], weights=weights)}, ignore=["re:.*lm_head"]
     )
 
 
-def svd(ratio: float, multiple: int = 64):
+def svd(ratio: float, multiple: int = 64, variant: str = ""):
+    """SVD-LLM at ``ratio``; ``variant`` '+'-joined: ``output`` (update: output), a sigma placement
+    (``split``, ``u``, ``v``); ``qa`` is handled by ``quantize``."""
     from svdllm_plugin import SVDLLMModifier
 
-    return SVDLLMModifier(ratio=ratio, rank_multiple=multiple)
+    parts = set(filter(None, variant.split("+")))
+    sigma = next((p for p in ("u", "v", "split") if p in parts), "split")
+    settings = dict(update="output") if "output" in parts else {}
+    settings["rotation"] = "random" if "rot" in parts else "none"  # GPTQ runs in its own oneshot
+    return SVDLLMModifier(ratio=ratio, rank_multiple=multiple, sigma=sigma, **settings)
+
+
+def quantize(bench, model, bits: int, variant: str):
+    """GPTQ every Linear (the factors) in one pass, or with ``qa`` in the variant: GPTQ svd_v with
+    FactorRefitModifier in one sequential pass, then GPTQ svd_u on Q(W_v) X."""
+    from svdllm_plugin.modifiers.svd import FactorRefitModifier
+
+    if "qa" not in variant.split("+"):
+        return run_recipe(bench, [gptq(bits)], model=model)
+    model, first = run_recipe(
+        bench, [gptq(bits, "re:.*svd_v$"), FactorRefitModifier()], model=model, pipeline="sequential"
+    )
+    model, second = run_recipe(bench, [gptq(bits, "re:.*svd_u$")], model=model)
+    return model, first + second
 
 
 def checkpoint_bytes(model, tokenizer) -> int:
@@ -47,53 +67,92 @@ def main() -> None:
     parser.add_argument(
         "--svd",
         nargs="*",
-        default=["0.2:8", "0.2:4", "0.4:4", "0.2:3"],
-        help="RATIO:BITS points of SVD-LLM followed by GPTQ",
+        default=["0.2:4:v+rot", "0.2:3:v+rot", "0.4:4:v+rot"],
+        help="RATIO:BITS[:VARIANT] points of SVD-LLM followed by GPTQ; VARIANT '+'-joins output, "
+        "split|u|v (sigma placement), rot (random rotation of the rank space) and qa "
+        "(quantization-aware two-pass GPTQ with W_u refit)",
     )
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--name", default="frontier")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense fp32 row")
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
-    rows = [
-        dict(
-            point="dense fp32",
-            bits=32,
-            ratio=0.0,
-            ppl=bench.ppl(bench.model),
-            bytes=checkpoint_bytes(bench.model, bench.tokenizer),
-            seconds=0.0,
-        )
-    ]
-    points = [(0.0, b) for b in args.gptq_bits] + [tuple(map(float, p.split(":"))) for p in args.svd]
-    for ratio, bits in points:
-        bits = int(bits)
-        recipe = [gptq(bits)] if ratio == 0 else [svd(ratio), gptq(bits)]
-        model, seconds = run_recipe(bench, recipe)
-        name = f"GPTQ W{bits}" if ratio == 0 else f"SVD {ratio:.1f} + W{bits}"
+    rows = []
+    if not args.no_dense:
         rows.append(
             dict(
-                point=name,
+                point="dense fp32",
+                bits=32,
+                ratio=0.0,
+                ppl=bench.ppl(bench.model),
+                ppl_other=bench.ppl_other(bench.model),
+                bytes=checkpoint_bytes(bench.model, bench.tokenizer),
+                seconds=0.0,
+            )
+        )
+
+    def add(row):
+        rows.append(row)
+        print(markdown(rows[-1:], list(rows[-1])), flush=True)
+        save(args.name, dict(args=vars(args), rows=rows))
+
+    for bits in args.gptq_bits:
+        model, seconds = run_recipe(bench, [gptq(bits)])
+        add(
+            dict(
+                point=f"GPTQ W{bits}",
                 bits=bits,
-                ratio=ratio,
+                ratio=0.0,
                 ppl=bench.ppl(model),
+                ppl_other=bench.ppl_other(model),
                 bytes=checkpoint_bytes(model, bench.tokenizer),
                 seconds=seconds,
             )
         )
-        print(markdown(rows[-1:], list(rows[-1])), flush=True)
-        save("frontier", dict(args=vars(args), rows=rows))
+        del model
+    svd_only: dict[tuple, tuple] = {}
+    for point in args.svd:
+        ratio, bits, *rest = point.split(":")
+        ratio, bits, variant = float(ratio), int(bits), (rest[0] if rest else "")
+        modifier = svd(ratio, variant=variant)
+        model, seconds = run_recipe(bench, modifier, propagate_error=modifier.propagates)
+        key = (ratio, modifier.sigma, modifier.update)  # sigma placement does not change W_u W_v
+        if key not in svd_only:
+            svd_only[key] = (bench.ppl(model), bench.ppl_other(model), modifier.achieved_ratio)
+        svd_ppl, svd_other, achieved = svd_only[key]
+        model, quant_seconds = quantize(bench, model, bits, variant)
+        ppl = bench.ppl(model)
+        add(
+            dict(
+                point=f"SVD {ratio:.1f}{' ' + variant if variant else ''} + W{bits}",
+                bits=bits,
+                ratio=ratio,
+                achieved_ratio=achieved,
+                svd_ppl=svd_ppl,
+                svd_ppl_other=svd_other,
+                ppl=ppl,
+                ppl_other=bench.ppl_other(model),
+                x_svd=ppl / svd_ppl,
+                bytes=checkpoint_bytes(model, bench.tokenizer),
+                seconds=seconds + quant_seconds,
+            )
+        )
         del model
     for row in rows:
         row["MB"] = row["bytes"] / 1e6
-    table = markdown(rows, ["point", "ratio", "bits", "MB", "ppl", "seconds"])
+    table = markdown(
+        rows,
+        ["point", "ratio", "achieved_ratio", "bits", "MB", "svd_ppl", "ppl", "x_svd", "ppl_other", "seconds"],
+    )
     print(table)
-    save("frontier", dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
-    plot(rows)
+    save(args.name, dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
+    plot(rows, args.name)
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], name: str = "frontier") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +175,7 @@ def plot(rows: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "frontier.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ CONFIGS = {
     "svd_llm_v2": dict(method="svd_llm_v2"),
     "svd_llm+loss": dict(method="svd_llm", allocation="loss"),
     "svd_llm+update": dict(method="svd_llm", closed_form_update=True),
+    "svd_llm+output": dict(method="svd_llm", update="output"),
+    "svd_llm+output_u": dict(method="svd_llm", update="output_u"),
+    "svd_llm+output_u_damp": dict(method="svd_llm", update="output_u", update_damp=1e-2),
+    "svd_llm+v2alloc": dict(method="svd_llm", allocation="v2"),
+    "svd_llm+global": dict(method="svd_llm", allocation="global"),
+    "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),
     "svd_llm_v2+loss": dict(method="svd_llm_v2", allocation="loss"),
     "svd_llm+propagated": dict(method="svd_llm", activations="propagated"),
     "asvd+sensitivity": dict(method="asvd", allocation="sensitivity"),
@@ -44,11 +50,15 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=20)
     parser.add_argument("--runs", nargs="+", default=None, help="CONFIG@RATIO pairs instead of the grid")
     parser.add_argument("--name", default="methods")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model's perplexities")
+    parser.add_argument("--skip-floor", action="store_true", help="no forward floor (x_floor is nan)")
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
-    dense_ppl = bench.ppl(bench.model)
-    floor_forward = forward_floor(bench)
+    nan = float("nan")
+    dense_ppl = bench.ppl(bench.model) if not args.no_dense else nan
+    dense_other = bench.ppl_other(bench.model) if not args.no_dense else nan
+    floor_forward = forward_floor(bench) if not args.skip_floor else nan
     rows = []
     grid = [(c, r) for c in args.configs for r in args.ratios]
     if args.runs:
@@ -57,13 +67,19 @@ def main() -> None:
         if True:
             settings = CONFIGS[config]
             modifier = SVDLLMModifier(ratio=ratio, **settings)
-            floor_forward = forward_floor(bench)  # re-measured per run: load on the machine varies
+            if not args.skip_floor:
+                floor_forward = forward_floor(bench)  # re-measured per run: load on the machine varies
             model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
             factorization = sum(r["seconds"] for r in modifier.records)
             row = dict(
                 config=config,
                 ratio=ratio,
+                achieved_ratio=1
+                - sum(r["params_after"] for r in modifier.records)
+                / sum(r["params_before"] for r in modifier.records),
+                params_after=sum(r["params_after"] for r in modifier.records),
                 ppl=bench.ppl(model),
+                ppl_other=bench.ppl_other(model),
                 seconds=seconds,
                 statistics_s=seconds - factorization,
                 factorization_s=factorization,
@@ -77,25 +93,44 @@ def main() -> None:
             print(markdown([row], list(row)), flush=True)
             save(
                 args.name,
-                dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows),
+                dict(
+                    args=vars(args),
+                    dense_ppl=dense_ppl,
+                    dense_ppl_other=dense_other,
+                    floor_forward_s=floor_forward,
+                    rows=rows,
+                ),
             )
             del model
     columns = [
         "config",
         "ratio",
+        "achieved_ratio",
+        "params_after",
         "ppl",
+        "ppl_other",
         "seconds",
         "statistics_s",
         "factorization_s",
         "x_floor",
         "peak_rss_gib",
     ]
-    table = f"dense perplexity {dense_ppl:.3f}; floor forward pass {floor_forward:.1f}s\n\n" + markdown(
-        rows, columns
+    table = (
+        f"dense perplexity {dense_ppl:.3f} (other domain {dense_other:.3f}); "
+        f"floor forward pass {floor_forward:.1f}s\n\n" + markdown(rows, columns)
     )
     print(table)
     (
-        save(args.name, dict(args=vars(args), dense_ppl=dense_ppl, floor_forward_s=floor_forward, rows=rows))
+        save(
+            args.name,
+            dict(
+                args=vars(args),
+                dense_ppl=dense_ppl,
+                dense_ppl_other=dense_other,
+                floor_forward_s=floor_forward,
+                rows=rows,
+            ),
+        )
         .with_suffix(".md")
         .write_text(table + "\n")
     )

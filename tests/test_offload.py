@@ -21,6 +21,8 @@ from svdllm_plugin.layers import SVDLinear
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SVD = {"ratio": 0.4, "rank_multiple": 64, "ignore": ["re:.*lm_head"]}  # as in the recipes below
+# factors comparable across recipes with and without GPTQ (quantized recipes default to v + rotation)
+SVD_FIXED_BASIS = {"sigma": "split", "rotation": "none"}
 LORA = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=0, lr=0.03)
 
 
@@ -47,7 +49,9 @@ def load_disk_offloaded(folder: Path, offload_dir: Path):
 def recipe(name: str | None, drop: tuple = ()) -> str:
     """A recipe of recipes/ (or SVD alone) with LoRA shortened; modifiers in ``drop`` removed."""
     if name is None:
-        return yaml.safe_dump({"svd_stage": {"svd_modifiers": {"SVDLLMModifier": SVD}}})
+        return yaml.safe_dump(
+            {"svd_stage": {"svd_modifiers": {"SVDLLMModifier": {**SVD, **SVD_FIXED_BASIS}}}}
+        )
     text = yaml.safe_load((RECIPES / name).read_text())
     for stage in text.values():
         for group in stage.values():
@@ -56,6 +60,7 @@ def recipe(name: str | None, drop: tuple = ()) -> str:
             if "SequentialLoRAModifier" in group:
                 group["SequentialLoRAModifier"].update(LORA)
             assert group["SVDLLMModifier"] == SVD, "the recipe's SVD settings changed: update SVD above"
+            group["SVDLLMModifier"].update(SVD_FIXED_BASIS)
     return yaml.safe_dump(text, sort_keys=False)
 
 

@@ -3,7 +3,9 @@
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from svdllm_plugin.modifiers.svd.base import SVDLLMModifier
+from svdllm_plugin.modifiers.svd.refit import FactorRefitModifier
 
 ModifierFactory.register("SVDLLMModifier", SVDLLMModifier)
+ModifierFactory.register("FactorRefitModifier", FactorRefitModifier)
 
-__all__ = ["SVDLLMModifier"]
+__all__ = ["SVDLLMModifier", "FactorRefitModifier"]

@@ -7,6 +7,12 @@ Plain functions over per-matrix spectra; the modifier supplies shapes and singul
   units greedily by the largest next sigma_i^2 relative to the matrix's energy sum sigma^2,
   which minimises the sum of relative truncation losses of the type exactly (each loss is
   convex and decreasing in k) while the type's total parameters stay those of ``uniform``.
+- ``v2`` (SVD-LLM V2 as published, arXiv 2503.12340 section 3.1): within each type, with
+  L_i the matrix's absolute whitened truncation loss at the uniform ratio R,
+  R_i = N R (1 / log L_i) / sum_j (1 / log L_j) (N matrices in the type).
+- ``global``: one budget over ALL targeted matrices, rank units handed out greedily by the
+  absolute whitened loss they remove per parameter (sigma_{k+1}^2 / (m + n)), each matrix
+  within (1 -/+ spread) x its uniform rank.
 - ``sensitivity`` (ASVD): from measured perplexities per (matrix, candidate ratio), a
   binary search over a perplexity threshold meets a global parameter target.
 """
@@ -14,12 +20,29 @@ Plain functions over per-matrix spectra; the modifier supplies shapes and singul
 from __future__ import annotations
 
 import heapq
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Matrix", "matrix_type", "allocate_by_loss", "allocate_by_sensitivity", "params_of"]
+from svdllm_plugin.modifiers.svd.decompose import (
+    exact_rank,
+    max_rank,
+    params_of,
+    round_ranks,
+    truncation_loss,
+)
+
+__all__ = [
+    "Matrix",
+    "matrix_type",
+    "allocate_by_loss",
+    "allocate_v2",
+    "allocate_global",
+    "allocate_by_sensitivity",
+    "params_of",
+]
 
 
 @dataclass
@@ -32,7 +55,7 @@ class Matrix:
     @property
     def max_rank(self) -> int:
         """Largest rank that still saves parameters."""
-        return max(1, (self.m * self.n - 1) // (self.m + self.n))
+        return max_rank(self.m, self.n)
 
 
 def matrix_type(name: str) -> str:
@@ -40,8 +63,66 @@ def matrix_type(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
-def params_of(m: int, n: int, k: int) -> int:
-    return k * (m + n)
+def allocate_v2(
+    matrices: list[Matrix],
+    uniform: dict[str, int],
+    ratio: float,
+    multiple: int = 1,
+    scale: dict | None = None,
+) -> dict[str, int]:
+    """SVD-LLM V2's published allocation: within each matrix type, R_i = N R (1/log L_i) / sum_j (1/log L_j).
+
+    L_i: the absolute whitened truncation loss at the uniform rank, sum_{j > k} sigma_j^2, times
+    ``scale[name]`` (the token count: the paper's X X^T is a sum over tokens; ours a mean).
+    The formula needs every L_i > 1 (log L_i > 0); smaller losses are clamped to e (documented:
+    the allocation is not scale-invariant). R_i is clamped to [0.05, 0.95] and the ranks are
+    rounded under the type's budget.
+    """
+    ranks: dict[str, int] = {}
+    groups: dict[str, list[Matrix]] = {}
+    for mat in matrices:
+        groups.setdefault(matrix_type(mat.name), []).append(mat)
+    for group in groups.values():
+        losses = [
+            max(truncation_loss(m.sigma, uniform[m.name]) * (scale or {}).get(m.name, 1.0), math.e)
+            for m in group
+        ]
+        inv = [1.0 / math.log(L) for L in losses]
+        ratios = [min(0.95, max(0.05, len(group) * ratio * w / sum(inv))) for w in inv]
+        chosen = round_ranks([(m.m, m.n, r) for m, r in zip(group, ratios)], multiple)
+        ranks.update({m.name: min(k, m.max_rank) for m, k in zip(group, chosen)})
+    return ranks
+
+
+def allocate_global(
+    matrices: list[Matrix], uniform: dict[str, int], multiple: int = 1, spread: float = 0.5
+) -> dict[str, int]:
+    """One parameter budget over all matrices (that of ``uniform``), filled greedily by the
+    absolute whitened loss removed per parameter, each rank within (1 -/+ spread) x uniform."""
+    budget = sum(params_of(m.m, m.n, uniform[m.name]) for m in matrices)
+    floor = {
+        m.name: max(multiple, int(uniform[m.name] * (1 - spread)) // multiple * multiple) for m in matrices
+    }
+    cap = {m.name: min(m.max_rank, int(uniform[m.name] * (1 + spread))) for m in matrices}
+    ranks = dict(floor)
+    budget -= sum(params_of(m.m, m.n, ranks[m.name]) for m in matrices)
+
+    def gain(m: Matrix) -> float:
+        k = ranks[m.name]
+        return float((m.sigma[k : k + multiple].double() ** 2).sum()) / params_of(m.m, m.n, multiple)
+
+    heap = [(-gain(m), i, m) for i, m in enumerate(matrices)]
+    heapq.heapify(heap)
+    while heap:
+        _, i, mat = heapq.heappop(heap)
+        step = params_of(mat.m, mat.n, multiple)
+        if step > budget:
+            continue
+        ranks[mat.name] += multiple
+        budget -= step
+        if ranks[mat.name] + multiple <= cap[mat.name]:
+            heapq.heappush(heap, (-gain(mat), i, mat))
+    return ranks
 
 
 def allocate_by_loss(
@@ -98,7 +179,7 @@ def allocate_by_sensitivity(
             mat = by_name[name]
             ok = [r for r, p in per.items() if p <= t]
             r = max(ok) if ok else 0.0
-            k = mat.max_rank if r == 0.0 else int(mat.m * mat.n * (1 - r) / (mat.m + mat.n))
+            k = mat.max_rank if r == 0.0 else int(exact_rank(mat.m, mat.n, r))
             out[name] = max(multiple, min(mat.max_rank, k // multiple * multiple))
         return out
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -32,12 +33,25 @@ from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, replace_module
 from svdllm_plugin.modifiers.svd import distributed, passes
-from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_by_loss, allocate_by_sensitivity
+from svdllm_plugin.modifiers.svd.allocation import (
+    Matrix,
+    allocate_by_loss,
+    allocate_by_sensitivity,
+    allocate_global,
+    allocate_v2,
+)
 from svdllm_plugin.modifiers.svd.decompose import (
     Factors,
     factorize,
+    max_rank,
+    output_match,
+    output_objective,
+    params_of,
     rank_for_ratio,
     refit_u,
+    removed_fraction,
+    rotate_factors,
+    round_ranks,
     saves_parameters,
     truncation_loss,
     whiten_cholesky,
@@ -51,6 +65,54 @@ __all__ = ["SVDLLMModifier"]
 LOSS_SPREAD = 0.5  # `loss` allocation: each rank stays within (1 -/+ spread) x its uniform rank
 
 Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
+Update = Literal["none", "input", "output", "output_u"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method reads and how it weights W before the SVD (one entry per method).
+
+    statistics: what the forward-pre hooks accumulate ("H": X X^T, "abs": sum / max |x|).
+    weighting: "whiten" (W S, S S^T = X X^T), "channel" (ASVD's W diag(s)), "none".
+    rows: left weighting ("fisher": FWSVD's sqrt of Fisher row importance) or None.
+    whitening: the whitening the method forces ("eigh" for V2) or None (the field decides).
+    """
+
+    statistics: frozenset
+    weighting: Literal["whiten", "channel", "none"]
+    rows: Literal["fisher"] | None = None
+    whitening: Literal["cholesky", "eigh"] | None = None
+
+
+METHODS: dict[str, MethodSpec] = {
+    "svd": MethodSpec(frozenset(), "none"),
+    "fwsvd": MethodSpec(frozenset(), "none", rows="fisher"),
+    "asvd": MethodSpec(frozenset({"abs"}), "channel"),
+    "svd_llm": MethodSpec(frozenset({"H"}), "whiten"),
+    "svd_llm_v2": MethodSpec(frozenset({"H"}), "whiten", whitening="eigh"),
+}
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """A closed-form update after the truncation (one entry per ``update``).
+
+    original: statistics of the ORIGINAL model's inputs are carried beside the propagated
+    ones (the original stream); cross: C = X X'^T of paired original / propagated inputs;
+    propagated: factors switch on at once so later layers see the compressed model.
+    """
+
+    original: bool
+    cross: bool
+    propagated: bool
+
+
+UPDATES: dict[str, UpdateSpec] = {
+    "none": UpdateSpec(original=False, cross=False, propagated=False),
+    "input": UpdateSpec(original=True, cross=False, propagated=True),  # SVD-LLM: W_u W_v X' ~ W X'
+    "output": UpdateSpec(original=True, cross=True, propagated=True),  # W_u W_v X' ~ W X (original)
+    "output_u": UpdateSpec(original=True, cross=True, propagated=True),  # same target, W_v kept
+}
 
 
 class SVDLLMModifier(Modifier):
@@ -60,7 +122,8 @@ class SVDLLMModifier(Modifier):
         ``re:`` patterns on module names). Default: every Linear.
     :param ignore: modules never compressed. Default: the (possibly tied) lm_head.
     :param ratio: fraction of each targeted matrix's parameters REMOVED, in (0, 1);
-        rank k = floor(m n (1 - ratio) / (m + n)). A matrix that would save nothing stays dense.
+        rank k = floor(m n (1 - ratio) / (m + n)) (see ``rank_multiple``). A matrix that would
+        save nothing stays dense.
     :param overrides: per-module ratios, ``{pattern: ratio}``; the first pattern that
         matches a module name (``re:`` regex or exact suffix) wins.
     :param method: ``svd_llm`` (whitening by ``whitening``), ``svd_llm_v2``
@@ -68,21 +131,46 @@ class SVDLLMModifier(Modifier):
         ignores data), ``asvd`` (activation-aware channel scaling).
     :param whitening: ``cholesky`` (SVD-LLM, with a logged diagonal shift when X X^T is not
         positive definite) or ``eigh`` (pseudo-inverse, works on singular statistics).
-    :param rank_multiple: round ranks down to a multiple of this (e.g. 8; the GPTQ group
-        size when the factors are quantized, since svd_u's input width is the rank).
-    :param sigma: where Sigma goes: ``split`` (Sigma^1/2 on both), ``u`` or ``v``.
+    :param rank_multiple: ranks are multiples of this (e.g. 8; the GPTQ group size when the
+        factors are quantized, since svd_u's input width is the rank): each rank is rounded
+        down or up, rebalanced so the parameters removed match the ratio (``achieved_ratio``).
+    :param sigma: where Sigma goes: ``split`` (Sigma^1/2 on both), ``u`` or ``v``; ``auto``
+        (default): ``v`` when a later modifier of the recipe quantizes ``svd_u``, else
+        ``split``. With ``v``, W_u = U_k has orthonormal columns of even scale; with ``split``
+        a dominant sigma_1 (the massive-activation direction of down_proj's input) makes one
+        column of W_u dwarf the others in its quantization group, which then round to zero.
+    :param rotation: ``random`` multiplies the factors by a seeded random orthogonal k x k
+        matrix, W_u R^T and R W_v (same product): in the singular basis svd_u's input Hessian
+        is diagonal, so GPTQ cannot compensate any rounding of W_u (it degenerates to
+        round-to-nearest); rotated, it can, and dominant directions are spread over all
+        columns. ``auto`` (default): ``random`` when a later modifier quantizes ``svd_u``.
     :param activations: statistics from the ``original`` model's activations (the paper)
         or from the ``propagated`` outputs of already-compressed layers.
     :param asvd_alpha: ASVD exponent, scale s_j = stat_j ** alpha.
     :param asvd_statistic: ``abs_mean`` or ``abs_max`` of each input channel.
     :param model_ratio: alternative to ``ratio``: fraction of the WHOLE model's parameters
         to remove, spread over the targeted matrices.
-    :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (SVD-LLM V2:
-        heterogeneous ranks from truncation loss within each matrix type) or
-        ``sensitivity`` (ASVD's perplexity search to the same global budget).
-    :param closed_form_update: SVD-LLM's layer-wise update: whiten with the original
-        model's statistics, then refit W_u by least squares on the propagated inputs of the
-        already-compressed layers (costs one extra forward pass for original statistics).
+    :param allocation: ``uniform`` (same ratio everywhere), ``loss`` (greedy on relative
+        truncation loss within each matrix type, ranks within 0.5x-1.5x uniform), ``v2``
+        (SVD-LLM V2's published formula within each type: R_i proportional to 1 / log L_i of
+        the absolute loss), ``global`` (one budget over all types, greedy on absolute whitened
+        loss per parameter, 0.5x-1.5x uniform) or ``sensitivity`` (ASVD's perplexity search
+        to the same global budget).
+    :param row_weighting: ``fisher`` weights W's rows by sqrt of FWSVD's Fisher row
+        importance (a backward pass per batch) on top of the method's input weighting, e.g.
+        whitening: SVD of diag(r) W S.
+    :param update: closed-form update on the compressed model's (propagated) inputs X',
+        with the original model's activations carried beside them (one more forward of each
+        decoder layer): ``input`` (SVD-LLM's: whiten with the original statistics, refit W_u
+        so that W_u W_v X' matches W X'), ``output`` (the rank-k W' minimising
+        ||W X - W' X'|| for the ORIGINAL inputs X: pulls outputs back to the original
+        model's; an (n, n) least-squares map, which can over-fit the calibration tokens),
+        ``output_u`` (the same target, W_v of the whitened truncation kept and only W_u refit:
+        a k x k system, never worse on the objective than truncation or ``input``), or ``none``.
+    :param closed_form_update: ``true`` is ``update: input`` (recipes before ``update``); it
+        reads true whenever an update is on.
+    :param update_damp: relative ridge on the update's linear system (diagonal += damp x its
+        mean): larger values shrink the fit.
     :param fisher_batches: calibration batches for FWSVD's gradient pass.
     :param sensitivity_ratios: candidate ratios of the sensitivity search.
     :param sensitivity_batches: calibration batches per sensitivity measurement.
@@ -97,12 +185,16 @@ class SVDLLMModifier(Modifier):
     method: Method = "svd_llm"
     whitening: Literal["cholesky", "eigh"] = "cholesky"
     rank_multiple: int = 1
-    sigma: Literal["split", "u", "v"] = "split"
+    sigma: Literal["auto", "split", "u", "v"] = "auto"
+    rotation: Literal["auto", "none", "random"] = "auto"
     activations: Literal["original", "propagated"] = "original"
     asvd_alpha: float = 0.5
     asvd_statistic: Literal["abs_mean", "abs_max"] = "abs_mean"
     model_ratio: float | None = None
-    allocation: Literal["uniform", "loss", "sensitivity"] = "uniform"
+    allocation: Literal["uniform", "loss", "v2", "global", "sensitivity"] = "uniform"
+    row_weighting: Literal["none", "fisher"] = "none"
+    update: Update = "none"
+    update_damp: float = 1e-6
     closed_form_update: bool = False
     fisher_batches: int = 8
     sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -121,6 +213,10 @@ class SVDLLMModifier(Modifier):
     _sensitivity_cost: dict = PrivateAttr(default_factory=dict)
     _seconds: dict[str, float] = PrivateAttr(default_factory=dict)  # deferred factorizations
     _tokens: dict[str, int] = PrivateAttr(default_factory=dict)
+    _achieved_ratio: float = PrivateAttr(default=0.0)
+    _sigma: str = PrivateAttr(default="split")
+    _rotate: bool = PrivateAttr(default=False)
+    _objectives: dict[str, dict] = PrivateAttr(default_factory=dict)  # update objectives, for records
 
     # ---- validation -----------------------------------------------------------------
     @field_validator("targets", "ignore", mode="before")
@@ -178,21 +274,37 @@ class SVDLLMModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_combination(self):
-        if self.method == "svd_llm_v2":
-            self.whitening = "eigh"
+        spec = METHODS[self.method]
+        if spec.whitening is not None:
+            self.whitening = spec.whitening
+        if self.closed_form_update and self.update == "none":
+            self.update = "input"
+        self.closed_form_update = self.update != "none"  # compress.single_pass reads it
         if self.allocation != "uniform" and self.activations != "original":
             raise ValueError(
                 f"allocation={self.allocation!r} chooses ranks from every layer's spectrum at the end "
                 "of calibration; it needs `activations: original`"
             )
-        if self.closed_form_update and (self.activations != "original" or self.allocation != "uniform"):
+        if self.update != "none" and (self.activations != "original" or self.allocation != "uniform"):
             raise ValueError(
-                "`closed_form_update` whitens with the original statistics and refits on propagated "
-                "inputs; it needs `activations: original` and `allocation: uniform`"
+                f"update={self.update!r} carries the original statistics beside the propagated inputs; "
+                "it needs `activations: original` and `allocation: uniform`"
             )
-        if self.closed_form_update and self.method not in ("svd_llm", "svd_llm_v2"):
-            raise ValueError("`closed_form_update` applies to method svd_llm / svd_llm_v2")
+        if self.update.startswith("output") and self.row_weighting != "none":
+            raise ValueError("update='output' fits the original outputs unweighted; use row_weighting: none")
+        if self.update != "none" and spec.weighting != "whiten":
+            raise ValueError(f"update={self.update!r} applies to the whitening methods svd_llm / svd_llm_v2")
         return self
+
+    @property
+    def propagates(self) -> bool:
+        """Whether calibration must see the compressed model's outputs (error propagation on)."""
+        return self.activations == "propagated" or UPDATES[self.update].propagated
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of the targeted matrices' parameters the chosen ranks remove (dense ones count 0)."""
+        return self._achieved_ratio
 
     # ---- lifecycle ------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -212,16 +324,23 @@ class SVDLLMModifier(Modifier):
                 f"SVDLLMModifier found no Linear modules matching targets={self.targets} "
                 f"(ignore={self.ignore}). Please check `targets` in the recipe."
             )
+        if UPDATES[self.update].cross and distributed.is_distributed():
+            raise ValueError(
+                f"update={self.update!r} pairs original and compressed inputs token by token; its cross "
+                "statistics are not reduced across torchrun ranks yet: run it in one process, or use "
+                "`update: input` under torchrun"
+            )
         self._ratio = self._resolve_ratio(model, matched)
-        if self.method == "fwsvd":
+        if METHODS[self.method].rows == "fisher" or self.row_weighting == "fisher":
             fisher = passes.fisher_row_importance(model, dict(matched), state.data.calib, self.fisher_batches)
             fisher = distributed.sum_over_ranks(fisher)
             self._row_scale = {
                 name: I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt() for name, I in fisher.items()
             }
-        for name, linear in matched:
+        shapes = [(lin.out_features, lin.in_features, self._ratio_for(name)) for name, lin in matched]
+        ranks = round_ranks(shapes, self.rank_multiple)
+        for (name, linear), k in zip(matched, ranks):
             m, n = linear.out_features, linear.in_features
-            k = rank_for_ratio(m, n, self._ratio_for(name), self.rank_multiple)
             if not saves_parameters(m, n, k):
                 self._kept_dense.append(name)
                 logger.info("{} ({}x{}): rank {} saves nothing, kept dense", name, m, n, k)
@@ -239,14 +358,26 @@ class SVDLLMModifier(Modifier):
                 + (f"`rank_multiple: {self.rank_multiple}` is larger than the ranks these matrices allow "
                    f"(at most {max(unrounded)}); lower `rank_multiple`" if too_coarse else "raise `ratio`")
             )
-        _check_group_sizes(self, self._layers)
+        quantized = _check_group_sizes(self, self._layers)
+        self._sigma = ("v" if quantized else "split") if self.sigma == "auto" else self.sigma
+        self._rotate = quantized if self.rotation == "auto" else self.rotation == "random"
+        self._achieved_ratio = removed_fraction(
+            [(lin.out_features, lin.in_features) for _, lin in matched],
+            [self._layers[name].rank if name in self._layers else 0 for name, _ in matched],
+        )
+        self._achieved_ratio += sum(
+            lin.out_features * lin.in_features for name, lin in matched if name not in self._layers
+        ) / sum(lin.out_features * lin.in_features for _, lin in matched)  # dense: nothing removed
         logger.info(
-            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f}, allocation={}",
+            "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f} "
+            "(ranks remove {:.4f}), allocation={}, update={}",
             len(self._layers),
             len(self._kept_dense),
             self.method,
             self._ratio,
+            self._achieved_ratio,
             self.allocation,
+            self.update,
         )
         return True
 
@@ -272,7 +403,7 @@ class SVDLLMModifier(Modifier):
             for layer in self._layers.values()
             if layer.pending
         }
-        if self.closed_form_update:  # whitening needs the ORIGINAL model's statistics
+        if UPDATES[self.update].original:  # the ORIGINAL model's statistics beside the propagated
             self._start_original_stream(state, names, handles)
 
     def _observe(self, module: nn.Module, args: tuple) -> None:
@@ -285,8 +416,16 @@ class SVDLLMModifier(Modifier):
         """Carry the original model's activations beside the propagated ones (O(one layer)
         statistics), or, for a model without known decoder layers, collect every layer's
         original X X^T in one pass up front (O(model))."""
-        self._original = StatisticsCollector(names=names, want=frozenset({"H"}))
+        cross = UPDATES[self.update].cross
+        self._original = StatisticsCollector(names=names, want=frozenset({"H"}), keep_inputs=cross)
+        if cross:
+            self._collector.pair_with = self._original
         layers = decoder_layers(state.model)
+        if not layers and cross:
+            raise ValueError(
+                "update='output' pairs the original and the compressed model's inputs token by token "
+                "through the decoder layers, but the model names none (model._no_split_modules)"
+            )
         if not layers:
             logger.warning(
                 "closed_form_update: no decoder layers found (model._no_split_modules); collecting the "
@@ -301,9 +440,8 @@ class SVDLLMModifier(Modifier):
             self.register_hook(layer, self._stream.pre_hook, "forward_pre", with_kwargs=True)
 
     def _wanted(self) -> frozenset:
-        """Statistics the method reads: X X^T (whitening, update), |x| (ASVD), or none."""
-        want = {"svd_llm": {"H"}, "svd_llm_v2": {"H"}, "asvd": {"abs"}}.get(self.method, set())
-        return frozenset(want | ({"H"} if self.closed_form_update else set()))
+        """Statistics the method reads (its table entry), plus X X^T for an update."""
+        return METHODS[self.method].statistics | ({"H"} if self.update != "none" else frozenset())
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules=None, **kwargs):
         self._compress_ready()
@@ -390,13 +528,42 @@ class SVDLLMModifier(Modifier):
         stats = self._collector.get(layer)
         original = self._original.get(layer) if self._original is not None else stats
         start = time.perf_counter()
-        S = self._weighting(original, name, whitened)
+        S = None if self.update == "output" else self._weighting(original, name, whitened)
         W = layer.dense_weight  # (m, n), onloaded
-        k = layer.rank if self.allocation == "uniform" else self._stored_rank(layer)
-        factors = factorize(W, k, S, self._row_scale.get(name), self.sigma)
-        if self.closed_form_update:  # stats are the propagated inputs here
-            factors.W_u = refit_u(W, factors.W_v, stats.covariance())
+        row_scale = self._row_scale.get(name)
+        if self.allocation != "uniform":  # capped at the largest rank the allocation may choose
+            return factorize(W, self._stored_rank(layer), S, row_scale, self._sigma), time.perf_counter() - start
+        factors = self._fit(W, layer.rank, S, row_scale, stats, original)
+        if self._rotate:
+            factors.W_u, factors.W_v = rotate_factors(factors.W_u, factors.W_v)
+        if UPDATES[self.update].cross:  # the update's own objective, for the record (owner rank)
+            H, C, H_p = original.covariance(), stats.cross_covariance(), stats.covariance()
+            objective = output_objective(W, factors.W_u, factors.W_v, H, C, H_p)
+            self._objectives[name] = dict(
+                objective=objective,
+                rel_objective=objective / max(float((W.double() @ H * W.double()).sum()), 1e-300),
+            )
         return factors, time.perf_counter() - start
+
+    def _fit(self, W, k: int, S, row_scale, stats, original) -> Factors:
+        """Rank-k factors of W: the method's weighted truncation, then the update.
+
+        ``stats``: this layer's input statistics on the calibration stream (propagated when an
+        update is on); ``original``: the original model's (the same object without an update).
+        """
+        if self.update == "output":  # S is unused: the fit whitens with the propagated H'
+            S_p = self._whiten(stats.covariance(), "")
+            return output_match(
+                W, k, stats.cross_covariance(), stats.covariance(), S_p, self._sigma, damp=self.update_damp
+            )
+        factors = factorize(W, k, S, row_scale, self._sigma)
+        if self.update == "input":  # stats are the propagated inputs here
+            factors.W_u = refit_u(W, factors.W_v, stats.covariance(), damp=self.update_damp)
+        elif self.update == "output_u":  # W_u W_v X' ~ W X with the truncation's W_v
+            factors.W_u = refit_u(
+                W, factors.W_v, stats.covariance(), damp=self.update_damp, C=stats.cross_covariance()
+            )
+        return factors
 
     def _apply(self, name: str, layer: SVDLinear, factors: Factors, seconds: float, tokens: int) -> None:
         """Write the factors into the layer (every rank) and record them."""
@@ -409,13 +576,13 @@ class SVDLLMModifier(Modifier):
             self._seconds[name] = seconds  # non-uniform: ranks are chosen at calibration end
             return
         layer.set_factors(factors.W_u, factors.W_v)
-        if self.activations == "propagated" or self.closed_form_update:
+        if self.propagates:
             layer.activate()
-        self._record(name, layer, factors, tokens, seconds)
+        self._record(name, layer, factors, tokens, seconds, **self._objectives.pop(name, {}))
 
     def _stored_rank(self, layer: SVDLinear) -> int:
         """The largest rank the allocation can give this layer (what is kept until it runs)."""
-        if self.allocation == "loss":
+        if self.allocation in ("loss", "global"):
             return min(_max_rank(layer), max(layer.rank, int(layer.rank * (1 + LOSS_SPREAD))))
         return _max_rank(layer)
 
@@ -430,8 +597,12 @@ class SVDLLMModifier(Modifier):
         start = time.perf_counter()
         if self.allocation == "loss":
             ranks = allocate_by_loss(matrices, uniform, self.rank_multiple, LOSS_SPREAD)
+        elif self.allocation == "global":
+            ranks = allocate_global(matrices, uniform, self.rank_multiple, LOSS_SPREAD)
+        elif self.allocation == "v2":
+            ranks = allocate_v2(matrices, uniform, self._ratio, self.rank_multiple, scale=self._tokens)
         else:
-            target = sum(m.m * m.n - uniform[m.name] * (m.m + m.n) for m in matrices)
+            target = sum(m.m * m.n - params_of(m.m, m.n, uniform[m.name]) for m in matrices)
             ranks = allocate_by_sensitivity(matrices, self._sensitivity(state), target, self.rank_multiple)
         logger.info(
             "{} allocation chose {} ranks in {:.1f}s",
@@ -444,6 +615,8 @@ class SVDLLMModifier(Modifier):
             k = min(ranks[name], layer.rank)
             W_u, W_v = layer.factors()
             factors = Factors(W_u[:, :k], W_v[:k], sigma, truncation_loss(sigma, k))
+            if self._rotate:
+                factors.W_u, factors.W_v = rotate_factors(factors.W_u, factors.W_v)
             layer.set_factors(factors.W_u, factors.W_v)
             self._record(name, layer, factors, self._tokens.get(name, 0), self._seconds.get(name, 0.0))
 
@@ -492,23 +665,24 @@ class SVDLLMModifier(Modifier):
         key = id(stats)
         if key not in cache:
             cache.clear()
-            if self.method in ("svd", "fwsvd"):  # FWSVD weights rows, not inputs
+            weighting = METHODS[self.method].weighting
+            if weighting == "none":  # plain SVD; FWSVD weights rows, not inputs
                 cache[key] = None
-            elif self.method == "asvd":
+            elif weighting == "channel":
                 stat = (
                     stats.abs_sum / max(stats.tokens, 1)
                     if self.asvd_statistic == "abs_mean"
                     else stats.abs_max
                 )
-                s = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
-                cache[key] = s
-            elif self.whitening == "eigh":
-                cache[key] = whiten_eigh(stats.covariance())
+                cache[key] = stat.clamp_min(1e-6) ** self.asvd_alpha  # (n,)
             else:
-                cache[key] = whiten_cholesky(stats.covariance(), name)
+                cache[key] = self._whiten(stats.covariance(), name)
         return cache[key]
 
-    def _record(self, name: str, layer: SVDLinear, factors, tokens: int, seconds: float) -> None:
+    def _whiten(self, H: torch.Tensor, name: str) -> torch.Tensor:
+        return whiten_eigh(H) if self.whitening == "eigh" else whiten_cholesky(H, name)
+
+    def _record(self, name: str, layer: SVDLinear, factors, tokens: int, seconds: float, **extra) -> None:
         m, n, k = layer.out_features, layer.in_features, layer.rank
         total = float((factors.sigma.to(torch.float64) ** 2).sum())
         record = dict(
@@ -517,11 +691,12 @@ class SVDLLMModifier(Modifier):
             n=n,
             rank=k,
             params_before=m * n,
-            params_after=k * (m + n),
+            params_after=params_of(m, n, k),
             loss=factors.loss,
             rel_loss=factors.loss / total if total > 0 else 0.0,
             tokens=tokens,
             seconds=seconds,
+            **extra,
         )
         self._records.append(record)
         logger.info(
@@ -552,16 +727,16 @@ def _matches(name: str, pattern: str) -> bool:
 
 def _max_rank(layer: SVDLinear) -> int:
     """Largest rank that still saves parameters (what non-uniform allocations may give)."""
-    m, n = layer.out_features, layer.in_features
-    return max(1, (m * n - 1) // (m + n))
+    return max_rank(layer.out_features, layer.in_features)
 
 
 def _inside_svd_linear(name: str) -> bool:
     return name.endswith((".svd_u", ".svd_v"))
 
 
-def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None:
-    """Fail at initialize when a later quantization modifier's group size does not divide a rank.
+def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> bool:
+    """Whether a later modifier of the recipe quantizes the factors' ``svd_u`` weights; fails at
+    initialize when its group size does not divide a rank.
 
     svd_u's input width is the rank k, and group quantization splits the input columns into
     whole groups: GPTQ would fail only after the SVD calibration has run.
@@ -572,23 +747,28 @@ def _check_group_sizes(modifier: Modifier, layers: dict[str, SVDLinear]) -> None
     modifiers = list(getattr(active_session().lifecycle.recipe, "modifiers", None) or [])
     position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
     if position is None:
-        return
+        return False
+    quantized = False
     for later in modifiers[position + 1 :]:
         if not hasattr(later, "resolve_quantization_config"):
             continue
         config = later.resolve_quantization_config()
         for scheme in config.config_groups.values():
-            group_size = getattr(scheme.weights, "group_size", None)
-            if not group_size or group_size < 1:
+            if scheme.weights is None:
                 continue
+            group_size = getattr(scheme.weights, "group_size", None) or 0
             for name, layer in layers.items():
                 child = f"{name}.svd_u"
-                if layer.rank % group_size == 0 or not match_targets(child, layer.svd_u, scheme.targets):
+                if not match_targets(child, layer.svd_u, scheme.targets):
                     continue
                 if match_targets(child, layer.svd_u, config.ignore):
+                    continue
+                quantized = True
+                if group_size < 1 or layer.rank % group_size == 0:
                     continue
                 raise ValueError(
                     f"{type(later).__name__} quantizes {child} in groups of {group_size} input columns, but "
                     f"its input width is the SVD rank {layer.rank}, not a multiple of {group_size}; set "
                     f"`rank_multiple: {group_size}` in SVDLLMModifier"
                 )
+    return quantized

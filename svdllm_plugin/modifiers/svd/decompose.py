@@ -21,12 +21,20 @@ from loguru import logger
 __all__ = [
     "Factors",
     "rank_for_ratio",
+    "exact_rank",
+    "max_rank",
+    "params_of",
+    "round_ranks",
+    "removed_fraction",
     "saves_parameters",
     "whiten_cholesky",
     "whiten_eigh",
     "factorize",
     "truncation_loss",
     "refit_u",
+    "output_match",
+    "output_objective",
+    "rotate_factors",
 ]
 
 
@@ -40,17 +48,74 @@ class Factors:
     loss: float  # sum of the discarded sigma_i^2 (the whitened truncation loss)
 
 
-def rank_for_ratio(m: int, n: int, ratio: float, multiple: int = 1) -> int:
-    """Rank k that removes ``ratio`` of the m*n parameters: floor(m n (1 - r) / (m + n)).
-
-    Rounded down to a multiple of ``multiple`` (never below ``multiple``), and capped at
-    min(m, n).
-    """
+def exact_rank(m: int, n: int, ratio: float) -> float:
+    """The real-valued rank that removes ``ratio`` of the m*n parameters: m n (1 - r) / (m + n)."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1) (fraction of parameters removed); got {ratio}")
-    k = math.floor(m * n * (1.0 - ratio) / (m + n))
-    k = max(multiple, (k // multiple) * multiple)
+    return m * n * (1.0 - ratio) / (m + n)
+
+
+def params_of(m: int, n: int, k: int) -> int:
+    """Parameters of the factors W_u (m, k) and W_v (k, n)."""
+    return k * (m + n)
+
+
+def max_rank(m: int, n: int) -> int:
+    """Largest rank that still saves parameters: k (m + n) < m n."""
+    return max(1, (m * n - 1) // (m + n))
+
+
+def rank_for_ratio(m: int, n: int, ratio: float, multiple: int = 1) -> int:
+    """Rank k that removes ``ratio`` of one matrix's m*n parameters.
+
+    ``multiple`` 1: floor(m n (1 - r) / (m + n)) (the paper's rank). A larger multiple rounds
+    to the NEAREST multiple (never below ``multiple``): rounding down by up to a whole group
+    (64) removed 33% of a 576 x 576 matrix asked for 20%. Capped at min(m, n). For many
+    matrices under one budget use ``round_ranks``, which also rebalances the rounding.
+    """
+    k = exact_rank(m, n, ratio)
+    if multiple == 1:
+        return min(max(1, math.floor(k)), min(m, n))
+    k = max(multiple, round(k / multiple) * multiple)
     return min(k, min(m, n))
+
+
+def round_ranks(shapes: list[tuple[int, int, float]], multiple: int = 1) -> list[int]:
+    """Ranks for (m, n, ratio) matrices under ONE budget, each a multiple of ``multiple``.
+
+    Each rank is its exact rank rounded down or up to a multiple, and the choice is
+    rebalanced so that the total parameter count is as close as one step allows to
+    sum m n (1 - r): starting from all rounded down, the matrices with the largest rounding
+    remainders are rounded up while that brings the total closer. ``multiple`` 1 is the
+    paper's floor. A rank that saves nothing (see ``saves_parameters``) is left for the
+    caller to keep dense.
+    """
+    if multiple == 1:
+        return [rank_for_ratio(m, n, r) for m, n, r in shapes]
+    exact = [exact_rank(m, n, r) for m, n, r in shapes]
+    ranks = [
+        min(max(multiple, math.floor(k / multiple) * multiple), min(m, n))
+        for k, (m, n, _) in zip(exact, shapes)
+    ]
+    budget = sum(k * (m + n) for k, (m, n, _) in zip(exact, shapes)) - sum(
+        params_of(m, n, k) for k, (m, n, _) in zip(ranks, shapes)
+    )
+    remainder = [(k - r) / multiple for k, r in zip(exact, ranks)]
+    for i in sorted(range(len(shapes)), key=lambda i: -remainder[i]):
+        m, n, _ = shapes[i]
+        step = multiple * (m + n)
+        up = ranks[i] + multiple
+        if remainder[i] > 0 and budget >= step / 2 and up <= min(m, n) and saves_parameters(m, n, up):
+            ranks[i] = up
+            budget -= step
+    return ranks
+
+
+def removed_fraction(shapes: list[tuple[int, int]], ranks: list[int]) -> float:
+    """Fraction of the matrices' parameters the factors remove (the achieved ratio)."""
+    before = sum(m * n for m, n in shapes)
+    after = sum(params_of(m, n, k) for (m, n), k in zip(shapes, ranks))
+    return 1.0 - after / before if before else 0.0
 
 
 def saves_parameters(m: int, n: int, k: int) -> bool:
@@ -175,18 +240,82 @@ def truncation_loss(sigma: torch.Tensor, k: int) -> float:
     return float((sigma[k:].to(torch.float64) ** 2).sum())
 
 
-def refit_u(W: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, damp: float = 1e-6) -> torch.Tensor:
-    """SVD-LLM's closed-form update: with W_v (k, n) fixed, the W_u (m, k) minimising
-    ||W X - W_u W_v X||_F^2 for inputs with H = X X^T (n, n):
+def refit_u(
+    W: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, damp: float = 1e-6, C: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Closed-form W_u (m, k) for a fixed W_v (k, n), inputs X' with H = X' X'^T (n, n):
 
-        W_u = W H W_v^T (W_v H W_v^T)^{-1}
+        C None (SVD-LLM's update):  min ||W X' - W_u W_v X'||_F^2 -> W_u = W H W_v^T (W_v H W_v^T)^{-1}
+        C = X X'^T (output target): min ||W X  - W_u W_v X'||_F^2 -> W_u = W C W_v^T (W_v H W_v^T)^{-1}
 
-    A relative ``damp`` on the diagonal keeps the k x k system solvable.
+    with X the original model's inputs on the same tokens. A relative ``damp`` on the
+    diagonal keeps the k x k system solvable.
     """
     W, W_v, H = W.to(torch.float64), W_v.to(torch.float64), H.to(torch.float64)
     A = W_v @ H @ W_v.T  # (k, k)
-    B = W @ H @ W_v.T  # (m, k)
+    B = W @ (H if C is None else C.to(torch.float64)) @ W_v.T  # (m, k)
     A = A + damp * A.diagonal().mean().clamp_min(1e-30) * torch.eye(
         A.shape[0], dtype=A.dtype, device=A.device
     )
     return torch.linalg.solve(A, B.T).T  # (m, k); A is symmetric
+
+
+def output_match(
+    W: torch.Tensor,
+    k: int,
+    C: torch.Tensor,
+    H_p: torch.Tensor,
+    S_p: torch.Tensor,
+    sigma_on: str = "split",
+    damp: float = 1e-6,
+) -> Factors:
+    """Output-matching factors: the rank-k W' minimising ||W X - W' X'||_F^2, in closed form.
+
+    X (n, tokens): the ORIGINAL model's inputs of this layer; X' (n, tokens): the compressed
+    model's inputs on the same tokens. C = X X'^T (n, n), H_p = X' X'^T (n, n), S_p its
+    whitening (S_p S_p^T = H_p). With B = W C H_p^{-1} (the unconstrained least-squares map;
+    a solve, no inverse):
+
+        ||W X - W' X'||^2 = ||W X - B X'||^2 + ||(B - W') S_p||^2,
+
+    so the best rank k is the whitened truncation of B: ``factorize(B, k, S_p)``. It is never
+    worse on this objective than any other rank-k factors (truncation alone, W_u refit). A
+    relative ``damp`` on H_p's diagonal keeps the solve defined on singular statistics.
+    """
+    W, C, H_p = W.to(torch.float64), C.to(torch.float64), H_p.to(torch.float64)
+    H_d = H_p + damp * H_p.diagonal().mean().clamp_min(1e-30) * torch.eye(
+        H_p.shape[0], dtype=H_p.dtype, device=H_p.device
+    )
+    B = torch.linalg.solve(H_d, (W @ C).T).T  # (m, n); H_p symmetric: B H_p = W C
+    return factorize(B, k, S_p, sigma_on=sigma_on)
+
+
+def output_objective(
+    W: torch.Tensor, W_u: torch.Tensor, W_v: torch.Tensor, H: torch.Tensor, C: torch.Tensor, H_p: torch.Tensor
+) -> float:
+    """||W X - W_u W_v X'||_F^2 from statistics: H = X X^T, C = X X'^T, H_p = X' X'^T.
+
+    = tr(W H W^T) - 2 tr(W C W'^T) + tr(W' H_p W'^T), with W' = W_u W_v, computed through
+    the (m, k) and (k, n) factors (never the (m, n) product twice).
+    """
+    W, W_u, W_v = W.to(torch.float64), W_u.to(torch.float64), W_v.to(torch.float64)
+    H, C, H_p = H.to(torch.float64), C.to(torch.float64), H_p.to(torch.float64)
+    dense = (W @ H * W).sum()
+    cross = ((W @ C @ W_v.T) * W_u).sum()  # tr(W C W_v^T W_u^T)
+    VHV = W_v @ H_p @ W_v.T  # (k, k)
+    compressed = ((W_u @ VHV) * W_u).sum()
+    return float(dense - 2 * cross + compressed)
+
+
+def rotate_factors(W_u: torch.Tensor, W_v: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_u R^T, R W_v) for a seeded random orthogonal R (k, k): the same product, but the rank
+    space is no longer the singular basis, so svd_u's input Hessian R Sigma^2 R^T is not
+    diagonal (GPTQ can compensate rounding across columns) and a dominant direction is spread
+    over all columns (incoherence, as in QuIP) instead of sitting in one.
+    """
+    k = W_v.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    Q, Rr = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    R = Q * torch.sign(torch.diagonal(Rr))  # Haar-distributed orthogonal (k, k)
+    R = R.to(W_v.device)
+    return (W_u.to(torch.float64) @ R.T).to(W_u.dtype), (R @ W_v.to(torch.float64)).to(W_v.dtype)

@@ -22,6 +22,7 @@ class InputStatistics:
     abs_sum: torch.Tensor  # (n,) float64, for ASVD's abs-mean scaling
     abs_max: torch.Tensor  # (n,) float64, for ASVD's abs-max scaling
     tokens: int = 0
+    C: torch.Tensor | None = None  # (n, n) float64: sum x_orig x^T, for the output-matching update
 
     @classmethod
     def empty(cls, n: int, device) -> "InputStatistics":
@@ -38,9 +39,29 @@ class InputStatistics:
             self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
         self.tokens += X.shape[0]
 
+    def add_cross(self, x_original: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate C += X X'^T from the original model's input and this (propagated) input
+        on the same tokens (call after ``add`` of the same batch)."""
+        X = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
+        X_o = x_original.reshape(-1, x_original.shape[-1]).to(torch.float64)  # (tokens, n)
+        if X_o.shape != X.shape:
+            raise ValueError(
+                f"original and propagated inputs differ in shape ({tuple(X_o.shape)} vs {tuple(X.shape)}): "
+                "the original stream lost step with the calibration batches"
+            )
+        if self.C is None:
+            self.C = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+        self.C.addmm_(X_o.T, X)
+
     def covariance(self) -> torch.Tensor:
         """H / tokens: the same whitening up to scale, better conditioned numbers."""
         return self.H / max(self.tokens, 1)
+
+    def cross_covariance(self) -> torch.Tensor:
+        """C / tokens (X X'^T over the same tokens), scaled like ``covariance``."""
+        if self.C is None:
+            raise RuntimeError("no cross statistics: this collector was not paired with the original stream")
+        return self.C / max(self.tokens, 1)
 
 
 @dataclass
@@ -51,6 +72,9 @@ class StatisticsCollector:
     want: frozenset = frozenset({"H", "abs"})  # which statistics the method reads
     leader: dict[nn.Module, nn.Module] = field(default_factory=dict)
     stats: dict[nn.Module, InputStatistics] = field(default_factory=dict)
+    keep_inputs: bool = False  # hold each group's last input (the original stream, for pairing)
+    pair_with: "StatisticsCollector | None" = None  # its held inputs pair with ours into C
+    inputs: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
     _last_input: torch.Tensor | None = None
     _last_module: nn.Module | None = None
 
@@ -71,6 +95,12 @@ class StatisticsCollector:
             if lead not in self.stats:
                 self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device)
             self.stats[lead].add(x.detach(), self.want)
+            if self.keep_inputs:  # one batch of one layer's inputs at a time: consumed by the pair
+                self.inputs[lead] = x.detach()
+            if self.pair_with is not None:
+                original = self.pair_with.inputs.pop(lead, None)
+                if original is not None:
+                    self.stats[lead].add_cross(original.to(x.device), x.detach())
 
     def get(self, module: nn.Module) -> InputStatistics | None:
         return self.stats.get(self.leader.get(module))
@@ -83,4 +113,5 @@ class StatisticsCollector:
         """Free the accumulators of these modules' groups (and the held input)."""
         for module in modules:
             self.stats.pop(self.leader.get(module), None)
+            self.inputs.pop(self.leader.get(module), None)
         self._last_input = self._last_module = None
