@@ -47,6 +47,7 @@ def gram_matrices(model: nn.Module, samples: torch.Tensor, batch_size: int = 4) 
         def accumulate(module, args):
             X = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)  # (tokens, n)
             H[name] += X.T @ X
+
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
@@ -121,8 +122,14 @@ def plugin_svdllm(model, tokenizer, calib, ratio: float) -> None:
         f"svd_stage:\n  svd_modifiers:\n    SVDLLMModifier:\n"
         f"      ratio: {ratio}\n      activations: original\n"
     )
-    oneshot(model=model, processor=tokenizer, dataset=calib, recipe=recipe,
-            num_calibration_samples=len(calib), max_seq_length=len(calib[0]["input_ids"]))
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=calib,
+        recipe=recipe,
+        num_calibration_samples=len(calib),
+        max_seq_length=len(calib[0]["input_ids"]),
+    )
 
 
 def factor_differences(reference, plugin) -> dict[str, float]:
@@ -143,8 +150,12 @@ def table(results: dict) -> str:
     rows = [
         ("dense", results["ppl_dense"], results["seconds_dense_ppl"], ""),
         ("reference (plain torch)", results["ppl_reference"], results["seconds_reference"], ""),
-        ("plugin (oneshot)", results["ppl_plugin"], results["seconds_plugin"],
-         f"{results['relative_difference']:+.3%}"),
+        (
+            "plugin (oneshot)",
+            results["ppl_plugin"],
+            results["seconds_plugin"],
+            f"{results['relative_difference']:+.3%}",
+        ),
     ]
     lines = ["| model | perplexity | time (s) | plugin / reference - 1 |", "|---|---|---|---|"]
     lines += [f"| {name} | {ppl:.4f} | {secs:.1f} | {rel} |" for name, ppl, secs, rel in rows]
@@ -192,22 +203,32 @@ def main(argv=None) -> dict:
     diffs = factor_differences(dense, plugin)
     shown = [n for n in diffs if n.startswith(("model.layers.0.", "model.layers.15.", "model.layers.29."))]
     results = dict(
-        model=args.model, ratio=args.ratio, num_samples=args.num_samples, seq_len=args.seq_len,
-        eval_windows=int(windows.shape[0]), seed=args.seed,
-        ppl_dense=ppl_dense, ppl_reference=ppl_reference, ppl_plugin=ppl_plugin,
+        model=args.model,
+        ratio=args.ratio,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        eval_windows=int(windows.shape[0]),
+        seed=args.seed,
+        ppl_dense=ppl_dense,
+        ppl_reference=ppl_reference,
+        ppl_plugin=ppl_plugin,
         relative_difference=ppl_plugin / ppl_reference - 1,
-        seconds_dense_ppl=seconds_dense, seconds_reference=seconds_reference,
+        seconds_dense_ppl=seconds_dense,
+        seconds_reference=seconds_reference,
         seconds_reference_statistics=timing["statistics_s"],
         seconds_reference_decompose=timing["decompose_s"],
-        seconds_plugin=seconds_plugin, modules_compared=len(diffs),
+        seconds_plugin=seconds_plugin,
+        modules_compared=len(diffs),
         factor_rel_frobenius_max=max(diffs.values(), default=math.nan),
         factor_rel_frobenius_median=sorted(diffs.values())[len(diffs) // 2] if diffs else math.nan,
         factor_rel_frobenius=diffs,
     )
     print(table(results))
     worst, median = results["factor_rel_frobenius_max"], results["factor_rel_frobenius_median"]
-    print(f"\nW_u W_v, relative Frobenius difference (reference vs plugin), {len(diffs)} modules: "
-          f"max {worst:.2e}, median {median:.2e}")
+    print(
+        f"\nW_u W_v, relative Frobenius difference (reference vs plugin), {len(diffs)} modules: "
+        f"max {worst:.2e}, median {median:.2e}"
+    )
     print("| module | rel. Frobenius diff |\n|---|---|")
     for name in shown:
         print(f"| {name} | {diffs[name]:.2e} |")

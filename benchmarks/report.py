@@ -48,8 +48,21 @@ def reference() -> None:
     if path.exists():
         d = json.loads(path.read_text())
         print("### reference_svdllm\n")
-        print(markdown([d], ["ratio", "num_samples", "seq_len", "ppl_dense", "ppl_reference", "ppl_plugin",
-                            "relative_difference", "factor_rel_frobenius_median"]))
+        print(
+            markdown(
+                [d],
+                [
+                    "ratio",
+                    "num_samples",
+                    "seq_len",
+                    "ppl_dense",
+                    "ppl_reference",
+                    "ppl_plugin",
+                    "relative_difference",
+                    "factor_rel_frobenius_median",
+                ],
+            )
+        )
         print()
 
 

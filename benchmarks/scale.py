@@ -64,8 +64,14 @@ def make_model(shape: str, layers: int) -> Path:
     hidden, inter, heads, kv = SHAPES[shape]
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -103,13 +109,23 @@ def child(spec: dict) -> dict:
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     modifier = SVDLLMModifier(ratio=0.4, **OPTIONS[spec["option"]])
     start = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifier,
-            num_calibration_samples=spec["samples"], max_seq_length=spec["seq_len"])
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=data,
+        recipe=modifier,
+        num_calibration_samples=spec["samples"],
+        max_seq_length=spec["seq_len"],
+    )
     total_s = time.perf_counter() - start
     shutil.rmtree(offload, ignore_errors=True)
     layers = _per_layer(timing, modifier.records)
     return dict(
-        spec, load_s=load_s, total_s=total_s, per_layer=layers, modules=len(modifier.records),
+        spec,
+        load_s=load_s,
+        total_s=total_s,
+        per_layer=layers,
+        modules=len(modifier.records),
         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         peak_stats_gib=timing["peak_stats"] / 2**30,
     )
@@ -128,7 +144,9 @@ def _instrument(modifier_cls, collector_cls) -> dict:
     def timed_ready(self):
         held = sum(
             s.H.nelement() * s.H.element_size()
-            for c in (self._collector, self._original) if c is not None for s in c.stats.values()
+            for c in (self._collector, self._original)
+            if c is not None
+            for s in c.stats.values()
         )
         timing["peak_stats"] = max(timing["peak_stats"], held)
         before = {r["name"] for r in self._records} | set(self._spectra)
@@ -154,8 +172,16 @@ def _per_layer(timing: dict, records: list[dict]) -> list[dict]:
         if len(layers) == 1 and previous is not None:
             i = layers[0]
             wall, statistics = end - previous, stats - stats_before
-            out.append(dict(layer=i, wall_s=wall, statistics_s=statistics, decomposition_s=decomposition[i],
-                            forward_s=wall - statistics - decomposition[i], cpu_s=cpu - cpu_before))
+            out.append(
+                dict(
+                    layer=i,
+                    wall_s=wall,
+                    statistics_s=statistics,
+                    decomposition_s=decomposition[i],
+                    forward_s=wall - statistics - decomposition[i],
+                    cpu_s=cpu - cpu_before,
+                )
+            )
         previous, stats_before, cpu_before = end, stats, cpu
     return out  # (layer 0 is left out: its turn also holds the tracing and the cache set-up)
 
@@ -210,8 +236,10 @@ def report(results: list[dict]) -> str:
     ]
     for r in sorted(results, key=lambda r: (r["shape"], r["option"], r["layers"])):
         per = r["per_layer"]
-        med = {k: st.median(x.get(k, float("nan")) for x in per) if per else float("nan")
-               for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s", "cpu_s")}
+        med = {
+            k: st.median(x.get(k, float("nan")) for x in per) if per else float("nan")
+            for k in ("wall_s", "forward_s", "statistics_s", "decomposition_s", "cpu_s")
+        }
         rows.append(
             f"| {r['shape']} | {r['layers']} | {r['option']} | {r['peak_rss_gib']:.2f} | {med['wall_s']:.1f} "
             f"({med['forward_s']:.1f} / {med['statistics_s']:.1f} / {med['decomposition_s']:.1f}) | "
@@ -219,8 +247,11 @@ def report(results: list[dict]) -> str:
             f"{r['peak_stats_gib']:.3f} ({stats_formula_gib(r['shape'], r['option']):.3f}) | "
             f"{r['total_s']:.0f} |"
         )
-    rows += ["", "| shape | option | RSS(4 layers) - RSS(2 layers) GiB | one layer's weights + X X^T GiB |",
-             "|---|---|---|---|"]
+    rows += [
+        "",
+        "| shape | option | RSS(4 layers) - RSS(2 layers) GiB | one layer's weights + X X^T GiB |",
+        "|---|---|---|---|",
+    ]
     by = {(r["shape"], r["option"], r["layers"]): r for r in results}
     for (shape, option, layers), r in sorted(by.items()):
         other = by.get((shape, option, 2))
@@ -303,8 +334,13 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--probe-matrix", nargs=2, type=int, metavar=("M", "N"),
-                        help="CPU seconds of one float64 whitening decomposition of an M x N matrix")
+    parser.add_argument(
+        "--probe-matrix",
+        nargs=2,
+        type=int,
+        metavar=("M", "N"),
+        help="CPU seconds of one float64 whitening decomposition of an M x N matrix",
+    )
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.make:
@@ -319,8 +355,16 @@ def main() -> None:
     specs = []
     for text in args.runs:
         shape, layers, option = text.split(":")
-        specs.append(dict(shape=shape, layers=int(layers), option=option, samples=args.samples,
-                          seq_len=args.seq_len, threads=args.threads))
+        specs.append(
+            dict(
+                shape=shape,
+                layers=int(layers),
+                option=option,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                threads=args.threads,
+            )
+        )
     results = run(specs, args.out) if specs else json.loads(args.out.read_text())
     print(report(results))
     print()

@@ -35,9 +35,21 @@ _FORMAT = "v2"  # bump when the extraction below changes, so old caches are not 
 _EVAL_EVERY = 10  # every 10th module (in sorted order) is held out for evaluation
 _MIN_DOC_CHARS = 40
 _SKIP_DIRS = {
-    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter",
-    "turtledemo", "ensurepip", "venv", "__phello__", "__pycache__", "lib-dynload",
-    "pydoc_data", "encodings",  # encodings: hundreds of generated, near-identical codecs
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "venv",
+    "__phello__",
+    "__pycache__",
+    "lib-dynload",
+    "pydoc_data",
+    "encodings",  # encodings: hundreds of generated, near-identical codecs
 }
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _FILE_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -215,8 +227,11 @@ def _read_user_file(path: Path) -> str:
     if path.is_dir():
         raise ValueError(f"dataset {path} is a folder; give a .txt, .jsonl or .json file")
     suffix = path.suffix.lower()
-    readers = {".jsonl": lambda: "\n\n".join(_jsonl_texts(path)),
-               ".json": lambda: "\n\n".join(_json_texts(path)), ".txt": lambda: _read(path)}
+    readers = {
+        ".jsonl": lambda: "\n\n".join(_jsonl_texts(path)),
+        ".json": lambda: "\n\n".join(_json_texts(path)),
+        ".txt": lambda: _read(path),
+    }
     if suffix not in readers:
         raise ValueError(
             f"dataset file {path} has an unsupported type {suffix!r}; give a .txt, .jsonl or .json file"

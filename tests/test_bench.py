@@ -8,8 +8,8 @@ import pytest
 import torch
 from factor_helpers import factorize_ratio as factorize
 
-from svdllm_plugin.checkpoint import save_pretrained
 from svdllm_plugin.bench import format_table
+from svdllm_plugin.checkpoint import save_pretrained
 from svdllm_plugin.cli import main
 
 

@@ -132,7 +132,12 @@ def test_no_import_cycle_and_standalone_modeling_files():
             assert {n.split(".")[0] for n in found} <= {"__future__", "", "svdllm_plugin"}, path.name
     for path in (PACKAGE / "inference").glob("*.py"):  # copied into every folder beside the modeling code
         assert {n.split(".")[0] for n in imports(path, top_level_only=False)} <= {
-            "__future__", "torch", "transformers", "", "functools", "math"
+            "__future__",
+            "torch",
+            "transformers",
+            "",
+            "functools",
+            "math",
         }, path.name
 
 

@@ -46,7 +46,7 @@ def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib, 
             assert module.svd_u.quantization_scheme is not None
             assert module.svd_v.quantization_scheme is not None
     from svdllm_plugin.checkpoint import save_pretrained
-    from svdllm_plugin.quantized import read_quantized_weights
+    from svdllm_plugin.export import read_quantized_weights
 
     save_pretrained(tiny, tmp_path / "ckpt")  # both GPTQ passes pack into one checkpoint
     weights = read_quantized_weights(tmp_path / "ckpt")

@@ -43,7 +43,8 @@ def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib,
 
         from svdllm_plugin.checkpoint import save_pretrained
 
-        save_pretrained(factorize_ratio(tiny_factory()), tmp_path / "outputs" / "smollm2-svdllm-0.2", tokenizer)
+        folder = tmp_path / "outputs" / "smollm2-svdllm-0.2"
+        save_pretrained(factorize_ratio(tiny_factory()), folder, tokenizer)
     namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib, "path": str(tiny_dir)}
     exec(compile(code, "README.md", "exec"), namespace)
     if "save_pretrained" in code:

@@ -60,7 +60,8 @@ tokenizer = AutoTokenizer.from_pretrained(f"{work}/dense", trust_remote_code=Tru
 ids = tokenizer(sys.argv[2], return_tensors="pt")
 generated = model.generate(**ids, max_new_tokens=int(sys.argv[3]), do_sample=False,
                            pad_token_id=tokenizer.eos_token_id)
-out["runtime"] = {"text": tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True),
+new_ids = generated[0, ids["input_ids"].shape[1]:]
+out["runtime"] = {"text": tokenizer.decode(new_ids, skip_special_tokens=True),
                   "cache": type(model._svdllm_latent_cache()).__name__,
                   "fused": int(getattr(model, "_svdllm_fused_groups", 0))}
 for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True})):

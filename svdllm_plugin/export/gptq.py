@@ -39,12 +39,20 @@ from svdllm_plugin.checkpoint.format import CONFIG_KEY, GPTQ, make_record
 from svdllm_plugin.export.integers import QuantizedWeight, quantized_weights
 
 __all__ = [
-    "export_gptq", "pack_gptq_linear", "unpack_gptq_linear", "unpack_gptq_integers", "gptq_quantize_config",
+    "export_gptq",
+    "pack_gptq_linear",
+    "unpack_gptq_linear",
+    "unpack_gptq_integers",
+    "gptq_quantize_config",
 ]
 
 
 def export_gptq(
-    model, output_dir, tokenizer=None, overwrite: bool = False, damp_percent: float = 0.01,
+    model,
+    output_dir,
+    tokenizer=None,
+    overwrite: bool = False,
+    damp_percent: float = 0.01,
 ) -> Path:
     """Write ``model`` (after oneshot with a GPTQModifier) as an auto-gptq style checkpoint.
 
@@ -85,8 +93,9 @@ def export_gptq(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    logger.info("Exported {} GPTQ Linears ({}-bit, group {}) to {}", len(qweights), bits, group_size,
-                output_dir)
+    logger.info(
+        "Exported {} GPTQ Linears ({}-bit, group {}) to {}", len(qweights), bits, group_size, output_dir
+    )
     return Path(output_dir)
 
 
@@ -120,7 +129,8 @@ def pack_gptq_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None, name
     offset, maxq = 2 ** (qw.bits - 1), 2**qw.bits - 1
     q_u = qw.q.to(torch.int64) + offset  # (m, n) in [0, maxq]
     zero_u = (
-        torch.full(qw.scale.shape, offset, dtype=torch.int64) if qw.symmetric
+        torch.full(qw.scale.shape, offset, dtype=torch.int64)
+        if qw.symmetric
         else qw.zero_point.to(torch.int64) + offset
     )  # (m, G)
     out = {
@@ -135,7 +145,11 @@ def pack_gptq_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None, name
 
 
 def unpack_gptq_linear(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
 ) -> torch.Tensor:
     """The dequantized float32 weight (m, n) of an auto-gptq Linear: scales * (q - zeros)."""
     q_u, zeros = unpack_gptq_integers(qweight, qzeros, bits)  # (m, n), (G, m)
@@ -144,7 +158,9 @@ def unpack_gptq_linear(
 
 
 def unpack_gptq_integers(
-    qweight: torch.Tensor, qzeros: torch.Tensor, bits: int,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned integers (m, n) and the true zero points (G, m) of an auto-gptq Linear."""
     q_u = _unpack_int32(qweight, bits).t()  # (m, n)

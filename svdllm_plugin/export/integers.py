@@ -49,7 +49,7 @@ def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
 
     Uses compressed-tensors' own ``quantize`` on the stored weight and qparams, the same
     call its packer makes, so the integers are the ones a saved checkpoint holds. Works
-    before and after ``save_quantized`` (a compressed module is unpacked, not mutated).
+    before and after ``save_pretrained`` (a compressed module is unpacked, not mutated).
     """
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationStatus

@@ -184,8 +184,14 @@ class SequentialLoRAModifier(Modifier):
         logger.info(
             "SequentialLoRAModifier: {} SVDLinear layers, rounds {}, r={} alpha={} lr={} "
             "{} steps x batch {} of {} tokens",
-            len(self._layer_names), self.order, self.r, self.alpha, self.lr,
-            self.steps_per_round, self.batch_size, self.seq_len,
+            len(self._layer_names),
+            self.order,
+            self.r,
+            self.alpha,
+            self.lr,
+            self.steps_per_round,
+            self.batch_size,
+            self.seq_len,
         )
         return True
 
@@ -222,7 +228,8 @@ class SequentialLoRAModifier(Modifier):
                 "recipe (or load a model that already has SVDLinear layers)"
             )
         names = [
-            name for name, module in match_named_modules(model, self.targets, self.ignore)
+            name
+            for name, module in match_named_modules(model, self.targets, self.ignore)
             if isinstance(module, SVDLinear)
         ]
         if not names:
@@ -259,8 +266,13 @@ class SequentialLoRAModifier(Modifier):
         if self.dtype == "float32" and next(model.parameters()).dtype == torch.float16:
             logger.warning("the model is float16: LoRA may be unstable; load it in float32 or bfloat16")
         return LoraSettings(
-            r=self.r, alpha=self.alpha, dropout=self.dropout, lr=self.lr, steps=self.steps_per_round,
-            batch_size=self.batch_size, seed=self.seed,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            lr=self.lr,
+            steps=self.steps_per_round,
+            batch_size=self.batch_size,
+            seed=self.seed,
             autocast_dtype=torch.bfloat16 if self.dtype == "bfloat16" else None,
         )
 
@@ -276,11 +288,19 @@ class SequentialLoRAModifier(Modifier):
         return ppl
 
     def _record(self, index: int, result: RoundResult, ppl_before, ppl_after) -> None:
-        self._records.append(dict(
-            round=index, factor=result.factor, modules=result.modules, steps=result.steps,
-            first_loss=result.losses[0], last_loss=result.losses[-1],
-            ppl_before=ppl_before, ppl_after=ppl_after, seconds=result.seconds,
-        ))
+        self._records.append(
+            dict(
+                round=index,
+                factor=result.factor,
+                modules=result.modules,
+                steps=result.steps,
+                first_loss=result.losses[0],
+                last_loss=result.losses[-1],
+                ppl_before=ppl_before,
+                ppl_after=ppl_after,
+                seconds=result.seconds,
+            )
+        )
 
 
 def _later_calibrating_modifiers(modifier: Modifier) -> list[str]:
@@ -294,7 +314,7 @@ def _later_calibrating_modifiers(modifier: Modifier) -> list[str]:
     modifiers = list(getattr(recipe, "modifiers", None) or [])
     if modifier not in modifiers:
         return []
-    after = modifiers[modifiers.index(modifier) + 1:]
+    after = modifiers[modifiers.index(modifier) + 1 :]
     return [type(m).__name__ for m in after if m.requires_calibration_data]
 
 

@@ -173,8 +173,11 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     losses = []
-    bar = tqdm(_batches(samples.shape[0], settings.batch_size, settings.steps, generator),
-               total=settings.steps, desc=desc)
+    bar = tqdm(
+        _batches(samples.shape[0], settings.batch_size, settings.steps, generator),
+        total=settings.steps,
+        desc=desc,
+    )
     _train_only(model, params)
     with torch.enable_grad():  # calibration contexts may have turned grad off
         for idx in bar:
@@ -211,10 +214,15 @@ def train_round(
         unload(model, merge=True)
     result = RoundResult(factor, len(targets), settings.steps, losses, time.perf_counter() - start)
     head = losses[: max(1, len(losses) // 10)]
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     logger.info(
         "LoRA round W_{}: {} factors, {} steps, loss {:.4f} -> {:.4f} (first/last 10%), {:.1f}s",
-        factor, len(targets), len(losses), _mean(head), _mean(tail), result.seconds,
+        factor,
+        len(targets),
+        len(losses),
+        _mean(head),
+        _mean(tail),
+        result.seconds,
     )
     return result
 

@@ -120,7 +120,9 @@ class OneshotMagnitudePruningModifier(Modifier):
         total = sum(r["numel"] for r in self._records)
         logger.info(
             "OneshotMagnitudePruningModifier: {} modules pruned ({}), {:.1%} of their weights zero",
-            len(self._records), self.mask_structure, zeros / total,
+            len(self._records),
+            self.mask_structure,
+            zeros / total,
         )
 
     def on_finalize(self, state: State, **kwargs) -> bool:

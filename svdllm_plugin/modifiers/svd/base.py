@@ -355,8 +355,12 @@ class SVDLLMModifier(Modifier):
             raise ValueError(
                 f"SVDLLMModifier: none of the {len(matched)} matched matrices saves parameters "
                 f"at ratio={self._ratio}; "
-                + (f"`rank_multiple: {self.rank_multiple}` is larger than the ranks these matrices allow "
-                   f"(at most {max(unrounded)}); lower `rank_multiple`" if too_coarse else "raise `ratio`")
+                + (
+                    f"`rank_multiple: {self.rank_multiple}` is larger than the ranks these matrices allow "
+                    f"(at most {max(unrounded)}); lower `rank_multiple`"
+                    if too_coarse
+                    else "raise `ratio`"
+                )
             )
         quantized = _check_group_sizes(self, self._layers)
         self._sigma = ("v" if quantized else "split") if self.sigma == "auto" else self.sigma
@@ -532,7 +536,8 @@ class SVDLLMModifier(Modifier):
         W = layer.dense_weight  # (m, n), onloaded
         row_scale = self._row_scale.get(name)
         if self.allocation != "uniform":  # capped at the largest rank the allocation may choose
-            return factorize(W, self._stored_rank(layer), S, row_scale, self._sigma), time.perf_counter() - start
+            factors = factorize(W, self._stored_rank(layer), S, row_scale, self._sigma)
+            return factors, time.perf_counter() - start
         factors = self._fit(W, layer.rank, S, row_scale, stats, original)
         if self._rotate:
             factors.W_u, factors.W_v = rotate_factors(factors.W_u, factors.W_v)
