@@ -97,7 +97,7 @@ def test_closed_form_update_whitens_with_the_original_model_statistics(three_lay
     assert len(seen) == 2 * len(layers)
     for name, linear in layers.items():
         H = expected.get(linear).H
-        torch.testing.assert_close(seen[name], H, rtol=1e-6, atol=1e-6 * H.abs().max().item())
+        torch.testing.assert_close(seen[name].cpu(), H.cpu(), rtol=1e-6, atol=1e-6 * H.abs().max().item())
     # the second layer's propagated inputs come from the compressed first layer: they differ
     q1 = "model.layers.1.self_attn.q_proj"
     assert not torch.allclose(seen[q1 + "/propagated"], seen[q1], rtol=1e-3)

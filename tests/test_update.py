@@ -100,7 +100,9 @@ class Spy(SVDLLMModifier):
                 output=output_objective(W, factors.W_u, factors.W_v, H, C, H_p),
                 truncation=output_objective(W, truncated.W_u, truncated.W_v, H, C, H_p),
                 refit=output_objective(W, refit, truncated.W_v, H, C, H_p),
-                dense=output_objective(W, W, torch.eye(W.shape[1], dtype=W.dtype), H, C, H_p),
+                dense=output_objective(
+                    W, W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device), H, C, H_p
+                ),
             )
         )
         return factors

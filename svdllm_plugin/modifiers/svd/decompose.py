@@ -206,7 +206,8 @@ def factorize(
         raise ValueError(f"sigma_on must be 'split', 'u' or 'v'; got {sigma_on!r}")
     W = W.to(torch.float64)  # (m, n)
     if row_scale is not None:
-        W_r = row_scale.to(torch.float64)[:, None] * W  # (m, n)
+        row_scale = row_scale.to(W.device, torch.float64)  # Fisher sums live on CPU; W where onloaded
+        W_r = row_scale[:, None] * W  # (m, n)
     else:
         W_r = W
     if S is None:
@@ -231,7 +232,7 @@ def factorize(
     W_u = U_k * left  # (m, k)
     W_v = right_over_sigma[:, None] * (U_k.T @ W_r)  # (k, n)
     if row_scale is not None:
-        W_u = W_u / row_scale.to(torch.float64)[:, None]
+        W_u = W_u / row_scale[:, None]
     return Factors(W_u=W_u, W_v=W_v, sigma=sigma, loss=truncation_loss(sigma, k))
 
 
