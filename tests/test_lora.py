@@ -10,7 +10,6 @@ import torch
 from llmcompressor.core import Event, EventType, State
 from pydantic import ValidationError
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from svdllm_plugin.layers import SVDLinear, replace_module
 from svdllm_plugin.models import resolve_model_path
@@ -43,24 +42,9 @@ def _factorize(model: nn.Module, rank: int = RANK, activate: bool = True) -> lis
     return names
 
 
-def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 @pytest.fixture
-def model(tokenizer):
-    model = _tiny_llama(len(tokenizer))
+def model(tiny_factory):
+    model = tiny_factory(hidden=32, max_position_embeddings=128)
     _factorize(model)
     return model
 
@@ -116,8 +100,8 @@ def test_round_trains_only_its_factor(model, tokenizer, factor, trained, frozen)
     assert not model.training  # mode restored
 
 
-def test_round_refuses_pending_layers(tokenizer):
-    model = _tiny_llama(len(tokenizer))
+def test_round_refuses_pending_layers(tokenizer, tiny_factory):
+    model = tiny_factory(hidden=32, max_position_embeddings=128)
     layers = _factorize(model, activate=False)
     with pytest.raises(ValueError, match="SVDLLMModifier has finished"):
         train_round(model, layers, "u", _windows(tokenizer, 2), LoraSettings(steps=1))
@@ -199,8 +183,8 @@ def test_invalid_settings(kwargs, message):
         SequentialLoRAModifier(**kwargs)
 
 
-def test_model_without_svd_layers(tokenizer, text_file):
-    model = _tiny_llama(len(tokenizer))
+def test_model_without_svd_layers(tokenizer, tiny_factory, text_file):
+    model = tiny_factory(hidden=32, max_position_embeddings=128)
     with pytest.raises(ValueError, match="put SVDLLMModifier before it in the recipe"):
         _modifier(text_file).initialize(State(model=model))
 
@@ -252,12 +236,12 @@ lora_stage:
 """
 
 
-def _oneshot(tokenizer, text_file: str, folder: Path, **kwargs) -> nn.Module:
+def _oneshot(tokenizer, tiny_factory, text_file: str, folder: Path, **kwargs) -> nn.Module:
     from llmcompressor import oneshot
 
     from svdllm_plugin.data import calibration_dataset
 
-    model = _tiny_llama(len(tokenizer))
+    model = tiny_factory(hidden=32, max_position_embeddings=128)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model.config.name_or_path = str(folder)  # oneshot and the modifier's tokenizer read it
@@ -273,12 +257,12 @@ def _oneshot(tokenizer, text_file: str, folder: Path, **kwargs) -> nn.Module:
     return model
 
 
-def test_oneshot_yaml_recipe(tokenizer, text_file, tmp_path):
+def test_oneshot_yaml_recipe(tokenizer, tiny_factory, text_file, tmp_path):
     """SVD-LLM, then LoRA on its factors, then GPTQ on the merged factors, from one YAML recipe."""
     from llmcompressor import active_session
 
     cwd_before = sorted(os.listdir())
-    model = _oneshot(tokenizer, text_file, tmp_path / "tiny")
+    model = _oneshot(tokenizer, tiny_factory, text_file, tmp_path / "tiny")
 
     modifiers = active_session().lifecycle.recipe.modifiers
     lora = next(m for m in modifiers if isinstance(m, SequentialLoRAModifier))
@@ -294,6 +278,6 @@ def test_oneshot_yaml_recipe(tokenizer, text_file, tmp_path):
     assert sorted(os.listdir()) == cwd_before
 
 
-def test_oneshot_shared_pipeline_is_refused(tokenizer, text_file, tmp_path):
+def test_oneshot_shared_pipeline_is_refused(tokenizer, tiny_factory, text_file, tmp_path):
     with pytest.raises(ValueError, match="pipeline='independent'"):
-        _oneshot(tokenizer, text_file, tmp_path / "tiny", pipeline="sequential")
+        _oneshot(tokenizer, tiny_factory, text_file, tmp_path / "tiny", pipeline="sequential")
