@@ -34,6 +34,7 @@ CONFIGS = {
     "svd_llm+v2alloc": dict(method="svd_llm", allocation="v2"),
     "svd_llm+global": dict(method="svd_llm", allocation="global"),
     "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),
+    "svd_llm+fisher+update": dict(method="svd_llm", row_weighting="fisher", closed_form_update=True),
     "svd_llm_v2+loss": dict(method="svd_llm_v2", allocation="loss"),
     "svd_llm+propagated": dict(method="svd_llm", activations="propagated"),
     "asvd+sensitivity": dict(method="asvd", allocation="sensitivity"),
