@@ -63,6 +63,8 @@ class SVDLinear(nn.Module):
         with torch.device("meta"):  # no random init of placeholder factors
             layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, dtype=W.dtype)
         layer.to_empty(device=device)
+        # in-place writes are safe here: ``layer`` is new and not offloaded yet (offload_like
+        # below offloads these very tensors); reading ``linear.bias`` may onload a copy, which is fine
         for child in (layer.svd_u, layer.svd_v):
             nn.init.zeros_(child.weight)
         if linear.bias is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -63,3 +64,41 @@ def factorize_ratio(model: nn.Module, ratio: float = 0.4, keep_dense: tuple[str,
         layer.activate()
         replace_module(model, name, layer)
     return model.eval()
+
+
+def held_numel(value, seen=None) -> int:
+    """Elements of every tensor reachable through dicts, lists, tuples and dataclasses (not modules)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or isinstance(value, nn.Module):
+        return 0
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, dict):
+        return sum(held_numel(k, seen) + held_numel(v, seen) for k, v in value.items())
+    if isinstance(value, (list, tuple, set)):
+        return sum(held_numel(v, seen) for v in value)
+    if dataclasses.is_dataclass(value):
+        return sum(held_numel(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    return 0
+
+
+def held_after_each_layer(model: nn.Module, calib, modifier) -> list[int]:
+    """Run ``modifier`` through oneshot; after each decoder layer's epoch, the number of tensor
+    elements the modifier's private state holds."""
+    from conftest import run_oneshot
+
+    cls = type(modifier)
+    held: list[int] = []
+    epoch_end = cls.on_sequential_epoch_end
+
+    def spy(self, *args, **kwargs):
+        epoch_end(self, *args, **kwargs)
+        held.append(held_numel(list(self.__pydantic_private__.values())))
+
+    cls.on_sequential_epoch_end = spy
+    try:
+        run_oneshot(model, calib, modifier)
+    finally:
+        cls.on_sequential_epoch_end = epoch_end
+    return held

@@ -3,34 +3,16 @@ the original activation stream of the closed-form update; exact statistics; no i
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from conftest import run_oneshot
+from factor_helpers import held_after_each_layer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from svdllm_plugin.layers import SVDLinear
 from svdllm_plugin.modifiers.svd import SVDLLMModifier, passes
 from svdllm_plugin.modifiers.svd.decompose import factorize, whiten_cholesky
-
-
-def held_numel(value, seen=None) -> int:
-    """Elements of every tensor reachable through dicts, lists, tuples and dataclasses (not modules)."""
-    seen = set() if seen is None else seen
-    if id(value) in seen or isinstance(value, nn.Module):
-        return 0
-    seen.add(id(value))
-    if isinstance(value, torch.Tensor):
-        return value.numel()
-    if isinstance(value, dict):
-        return sum(held_numel(k, seen) + held_numel(v, seen) for k, v in value.items())
-    if isinstance(value, (list, tuple, set)):
-        return sum(held_numel(v, seen) for v in value)
-    if dataclasses.is_dataclass(value):
-        return sum(held_numel(getattr(value, f.name), seen) for f in dataclasses.fields(value))
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +38,7 @@ def test_between_layers_the_modifier_holds_only_vectors(three_layers, calib, set
     """After each decoder layer's epoch: no X X^T and no factor matrix of any layer is held, only
     per-matrix vectors (spectra, Fisher row scales): at most sum (m + n) numbers."""
     model = AutoModelForCausalLM.from_pretrained(three_layers)
-    modifier = SVDLLMModifier(ratio=0.4, **settings)
-    held: list[int] = []
-    epoch_end = SVDLLMModifier.on_sequential_epoch_end
-
-    def spy(self, *args, **kwargs):
-        epoch_end(self, *args, **kwargs)
-        held.append(held_numel(list(self.__pydantic_private__.values())))
-
-    SVDLLMModifier.on_sequential_epoch_end = spy
-    try:
-        run_oneshot(model, calib, modifier)
-    finally:
-        SVDLLMModifier.on_sequential_epoch_end = epoch_end
+    held = held_after_each_layer(model, calib, SVDLLMModifier(ratio=0.4, **settings))
     vectors = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, SVDLinear))
     assert len(held) == 3 + 1 and max(held) <= vectors, held
 

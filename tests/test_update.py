@@ -148,7 +148,7 @@ def test_update_option_and_its_legacy_spelling():
 
 def test_update_output_holds_one_layer_at_most(tiny_factory, tokenizer, calib, tmp_path):
     """Between decoder layers nothing of a finished layer is held: no X X^T, no C, no stashed inputs."""
-    from test_memory import held_numel
+    from factor_helpers import held_after_each_layer
     from transformers import AutoModelForCausalLM
 
     from svdllm_plugin.layers import SVDLinear
@@ -156,17 +156,6 @@ def test_update_output_holds_one_layer_at_most(tiny_factory, tokenizer, calib, t
     tiny_factory(hidden=64, layers=3).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    held: list[int] = []
-    epoch_end = SVDLLMModifier.on_sequential_epoch_end
-
-    def spy(self, *args, **kwargs):
-        epoch_end(self, *args, **kwargs)
-        held.append(held_numel(list(self.__pydantic_private__.values())))
-
-    SVDLLMModifier.on_sequential_epoch_end = spy
-    try:
-        run_oneshot(model, calib, SVDLLMModifier(ratio=0.4, update="output"))
-    finally:
-        SVDLLMModifier.on_sequential_epoch_end = epoch_end
+    held = held_after_each_layer(model, calib, SVDLLMModifier(ratio=0.4, update="output"))
     vectors = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, SVDLinear))
     assert len(held) == 4 and max(held) <= vectors, held
