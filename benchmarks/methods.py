@@ -35,6 +35,13 @@ CONFIGS = {
     "svd_llm+global": dict(method="svd_llm", allocation="global"),
     "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),
     "svd_llm+fisher+update": dict(method="svd_llm", row_weighting="fisher", closed_form_update=True),
+    "svd_llm+update+intra": dict(method="svd_llm", update="input", intra_layer=True),
+    "svd_llm+fisher+update+intra": dict(method="svd_llm", row_weighting="fisher", update="input", intra_layer=True),
+    "svd_llm+fisher16+update": dict(method="svd_llm", row_weighting="fisher", update="input", fisher_batches=16),
+    "svd_llm+fisher16+update+intra": dict(
+        method="svd_llm", row_weighting="fisher", update="input", intra_layer=True, fisher_batches=16
+    ),
+    "svd_llm+propagated+intra": dict(method="svd_llm", activations="propagated", intra_layer=True),
     "svd_llm_v2+loss": dict(method="svd_llm_v2", allocation="loss"),
     "svd_llm+propagated": dict(method="svd_llm", activations="propagated"),
     "asvd+sensitivity": dict(method="asvd", allocation="sensitivity"),

@@ -23,6 +23,7 @@ CASES = {  # one statistic or reduction each: X X^T, |x| max, Fisher sums, two p
     "asvd_max": {"ratio": 0.3, "method": "asvd", "asvd_statistic": "abs_max"},
     "fwsvd": {"ratio": 0.3, "method": "fwsvd"},
     "update": {"ratio": 0.3, "closed_form_update": True},
+    "intra": {"ratio": 0.3, "update": "input", "intra_layer": True},  # reruns each layer per input group
     "loss": {"ratio": 0.3, "allocation": "loss"},
     "sensitivity": {
         "ratio": 0.3,

@@ -30,6 +30,7 @@ def three_layers(tmp_path_factory, tiny_factory, tokenizer):
         dict(allocation="loss"),
         dict(allocation="sensitivity", sensitivity_batches=1, sensitivity_ratios=[0.2, 0.6]),
         dict(closed_form_update=True),
+        dict(closed_form_update=True, intra_layer=True),
         dict(method="fwsvd", fisher_batches=1),
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items())[:30] or "uniform",

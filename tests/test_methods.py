@@ -160,3 +160,20 @@ def test_svd_llm_v2_compresses_exactly_singular_statistics_without_fallback(tiny
     assert not any("not positive definite" in m for m in messages)
     gate = tiny.model.layers[0].mlp.gate_proj
     assert torch.isfinite(gate.svd_v.weight).all() and gate.rank > 0
+
+
+def test_fisher_rows_do_not_depend_on_the_calibration_shuffle(tiny_dir, calib):
+    """llmcompressor shuffles calibration samples with the global RNG; the Fisher pass reads the
+    first ``fisher_batches`` samples in dataset order, so two processes get the same row weights."""
+    scales = []
+    for seed in (0, 1):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        torch.manual_seed(seed)  # what the unseeded RandomSampler draws from
+        modifier = SVDLLMModifier(ratio=0.4, row_weighting="fisher", fisher_batches=2)
+        run_oneshot(model, calib, modifier)
+        scales.append(modifier._row_scale)
+    assert scales[0].keys() == scales[1].keys() and scales[0]
+    for name, r in scales[0].items():
+        torch.testing.assert_close(r, scales[1][name], rtol=1e-9, atol=0)

@@ -57,6 +57,7 @@ from svdllm_plugin.modifiers.svd.decompose import (
     whiten_cholesky,
     whiten_eigh,
 )
+from svdllm_plugin.modifiers.svd.intra import LayerInputs, groups_in_order
 from svdllm_plugin.modifiers.svd.original import OriginalStream, decoder_layers
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
@@ -167,6 +168,10 @@ class SVDLLMModifier(Modifier):
         model's; an (n, n) least-squares map, which can over-fit the calibration tokens),
         ``output_u`` (the same target, W_v of the whitened truncation kept and only W_u refit:
         a k x k system, never worse on the objective than truncation or ``input``), or ``none``.
+    :param intra_layer: collect each Linear's statistics after the Linears before it in the
+        same decoder layer are compressed (o_proj sees the compressed q/k/v, down_proj the
+        compressed gate/up): one more forward of the decoder layer per input group after the
+        first. Needs propagation (``activations: propagated`` or ``update: input``).
     :param closed_form_update: ``true`` is ``update: input`` (recipes before ``update``); it
         reads true whenever an update is on.
     :param update_damp: relative ridge on the update's linear system (diagonal += damp x its
@@ -195,6 +200,7 @@ class SVDLLMModifier(Modifier):
     row_weighting: Literal["none", "fisher"] = "none"
     update: Update = "none"
     update_damp: float = 1e-6
+    intra_layer: bool = False
     closed_form_update: bool = False
     fisher_batches: int = 8
     sensitivity_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -207,6 +213,9 @@ class SVDLLMModifier(Modifier):
     _row_scale: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)
     _original: StatisticsCollector | None = PrivateAttr(default=None)
     _stream: OriginalStream | None = PrivateAttr(default=None)
+    _inputs: LayerInputs | None = PrivateAttr(default=None)  # intra_layer: this layer's inputs
+    _stat_handles: set = PrivateAttr(default_factory=set)
+    _collecting: set | None = PrivateAttr(default=None)  # intra_layer replay: the group collected
     _spectra: dict[str, torch.Tensor] = PrivateAttr(default_factory=dict)  # full sigma, non-uniform
     _uniform: dict[str, int] = PrivateAttr(default_factory=dict)  # ranks before allocation
     _ratio: float = PrivateAttr(default=0.2)
@@ -294,6 +303,16 @@ class SVDLLMModifier(Modifier):
             raise ValueError("update='output' fits the original outputs unweighted; use row_weighting: none")
         if self.update != "none" and spec.weighting != "whiten":
             raise ValueError(f"update={self.update!r} applies to the whitening methods svd_llm / svd_llm_v2")
+        if self.intra_layer and not self.propagates:
+            raise ValueError(
+                "intra_layer collects statistics on the compressed model's own activations; it needs "
+                "`activations: propagated` or `update: input`"
+            )
+        if self.intra_layer and UPDATES[self.update].cross:
+            raise ValueError(
+                f"intra_layer cannot be combined with update={self.update!r} (its cross statistics pair "
+                "the original stream batch by batch); use `update: input`"
+            )
         return self
 
     @property
@@ -407,11 +426,24 @@ class SVDLLMModifier(Modifier):
             for layer in self._layers.values()
             if layer.pending
         }
+        self._stat_handles = handles
         if UPDATES[self.update].original:  # the ORIGINAL model's statistics beside the propagated
             self._start_original_stream(state, names, handles)
+        if self.intra_layer:
+            layers = decoder_layers(state.model)
+            if not layers:
+                raise ValueError(
+                    "intra_layer reruns each decoder layer, but the model names none "
+                    "(model._no_split_modules); set `intra_layer: false`"
+                )
+            self._inputs = LayerInputs()
+            for layer in layers:
+                self.register_hook(layer, self._inputs.pre_hook, "forward_pre", with_kwargs=True)
 
     def _observe(self, module: nn.Module, args: tuple) -> None:
         """Statistics hook: the original stream's rerun feeds the original-statistics collector."""
+        if self._collecting is not None and module not in self._collecting:
+            return  # an intra-layer replay collects one input group
         stream = self._stream
         collector = self._original if stream is not None and stream.active else self._collector
         collector(module, args)
@@ -448,7 +480,10 @@ class SVDLLMModifier(Modifier):
         return METHODS[self.method].statistics | ({"H"} if self.update != "none" else frozenset())
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules=None, **kwargs):
-        self._compress_ready()
+        if self._inputs is not None:
+            self._compress_within_layer()
+        else:
+            self._compress_ready()
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._compress_ready()
@@ -465,7 +500,9 @@ class SVDLLMModifier(Modifier):
             layer.activate()
         if self._stream is not None:
             self._stream.release()
-        self._collector = self._original = self._stream = None
+        if self._inputs is not None:
+            self._inputs.release()
+        self._collector = self._original = self._stream = self._inputs = None
         self._spectra = {}
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -496,20 +533,50 @@ class SVDLLMModifier(Modifier):
         """One dict per compressed module: name, shape, rank, loss, time."""
         return list(self._records)
 
-    def _compress_ready(self) -> None:
+    def _compress_within_layer(self) -> None:
+        """intra_layer: compress the decoder layer's input groups in forward order, rerunning the
+        layer on its held inputs before each later group so its statistics see the compressed
+        groups before it (see ``intra.py``)."""
+        collector, inputs = self._collector, self._inputs
+        names = {m: n for n, m in self._layers.items()}
+        ready = {name for name, _ in self._ready()}
+        groups = groups_in_order(collector.leader, names, ready)
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+        for j, group in enumerate(groups):
+            if j > 0:  # statistics again, with the groups before this one compressed
+                members = {self._layers[name] for name in group}
+                collector.release(members)
+                self._collecting = members
+                try:
+                    with HooksMixin.disable_hooks(keep=self._stat_handles):
+                        inputs.replay()
+                finally:
+                    self._collecting = None
+                    collector.release_input()
+            self._compress_ready(only=set(group))
+        inputs.release()
+
+    def _ready(self, only: set[str] | None = None) -> list[tuple[str, SVDLinear]]:
+        """Pending layers whose statistics are complete (their decoder layer ran)."""
+        collector = self._collector
+        return [
+            (n, l)
+            for n, l in self._layers.items()
+            if (only is None or n in only)
+            and n not in self._done
+            and n not in self._spectra
+            and collector.get(l)
+            and (self._original is None or self._original.get(l))
+        ]
+
+    def _compress_ready(self, only: set[str] | None = None) -> None:
         """Decompose every pending layer whose statistics are complete (its layer ran), then
         free those statistics: memory holds the statistics of one decoder layer at a time."""
         collector = self._collector
         if collector is None:
             return
-        ready = [
-            (n, l)
-            for n, l in self._layers.items()
-            if n not in self._done
-            and n not in self._spectra
-            and collector.get(l)
-            and (self._original is None or self._original.get(l))
-        ]
+        ready = self._ready(only)
         whitened: dict[int, torch.Tensor | None] = {}  # one whitening per shared input
         jobs = {name: (tuple(layer.dense_weight.shape), self._statistics_of(layer)) for name, layer in ready}
         results = distributed.decompose_on_owners(  # a plain loop unless under torchrun

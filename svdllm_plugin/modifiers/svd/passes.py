@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.offload import disable_onloading
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
 from svdllm_plugin.modifiers.svd import distributed
@@ -23,8 +24,25 @@ __all__ = ["fisher_row_importance", "collect_statistics", "calibration_loss"]
 def _batches(dataloader, limit: int | None, device):
     if dataloader is None:
         raise ValueError("this method needs calibration data: pass a dataset to oneshot")
-    for batch in islice(dataloader, limit):
+    for batch in islice(_in_order(dataloader), limit):
         yield {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _in_order(dataloader):
+    """The calibration batches in dataset order. llmcompressor shuffles calibration samples with an
+    unseeded ``RandomSampler`` (``shuffle_calibration_samples`` defaults to true), so the first
+    ``limit`` batches of the dataloader itself differ from process to process, and so would
+    Fisher row weights and sensitivity perplexities computed on them."""
+    sampler = getattr(dataloader, "sampler", None)
+    if not isinstance(sampler, RandomSampler):
+        return dataloader
+    dataset = dataloader.dataset
+    return DataLoader(
+        Subset(dataset, range(min(len(sampler), len(dataset)))),
+        batch_size=dataloader.batch_size,
+        collate_fn=dataloader.collate_fn,
+        shuffle=False,
+    )
 
 
 def _device(model: nn.Module):

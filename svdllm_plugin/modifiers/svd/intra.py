@@ -1,0 +1,81 @@
+"""Intra-layer propagation: each Linear's statistics after the Linears before it IN THE SAME
+decoder layer are compressed (o_proj after q/k/v, gate/up after o_proj, down_proj after gate/up).
+
+llmcompressor's sequential pipeline runs a decoder layer's calibration forward once, with every
+Linear of the layer still dense, then calls ``sequential_epoch_end``; error propagation only
+reaches the NEXT decoder layer. To let o_proj see the error of the compressed q/k/v, the
+modifier keeps this decoder layer's inputs (``LayerInputs``, offloaded like the pipeline's own
+intermediates) and, after compressing one input group, reruns the layer on them to re-collect
+the next group's statistics:
+
+    stage 1: compress the first input group (q/k/v) from the calibration forward's statistics
+    stage j: rerun the layer (groups < j compressed), collect group j's X' X'^T, compress it
+
+Cost: one more forward of the decoder layer per input group after the first (3 for a Llama
+layer); memory: one copy of one decoder layer's inputs, as the original stream holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+__all__ = ["LayerInputs", "groups_in_order"]
+
+
+def _to(device: torch.device):
+    return lambda value: value.detach().to(device) if isinstance(value, torch.Tensor) else value
+
+
+class LayerInputs:
+    """Per-batch (args, kwargs) of the decoder layer being calibrated, offloaded to ``device``;
+    a forward-pre hook (register with ``with_kwargs=True``). A new layer drops the previous one's.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.layer: nn.Module | None = None
+        self.batches: list[tuple[tuple, dict]] = []
+        self.onload: torch.device | None = None  # where the pipeline ran the layer
+        self.replaying = False
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.replaying:
+            return None
+        if module is not self.layer:
+            self.layer, self.batches = module, []
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.onload = hidden.device
+        self.batches.append(tree_map(_to(self.device), (args, kwargs)))
+        return None
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        """Run the held layer once more on every held batch (outputs discarded)."""
+        if self.layer is None:
+            return
+        self.replaying = True
+        try:
+            for args, kwargs in self.batches:
+                args, kwargs = tree_map(_to(self.onload), (args, kwargs))
+                self.layer(*args, **kwargs)
+        finally:
+            self.replaying = False
+
+    def release(self) -> None:
+        self.layer, self.batches = None, []
+
+
+def groups_in_order(leaders: dict[nn.Module, nn.Module], names: dict[nn.Module, str], ready: set[str]) -> list[list[str]]:
+    """The ready modules grouped by shared input, in the order the forward first reached them.
+
+    ``leaders``: module -> the first module of its input group, insertion-ordered by first call
+    (a ``StatisticsCollector``'s ``leader``); ``names``: module -> name.
+    """
+    groups: dict[nn.Module, list[str]] = {}
+    for module, lead in leaders.items():
+        name = names.get(module)
+        if name in ready:
+            groups.setdefault(lead, []).append(name)
+    return list(groups.values())
