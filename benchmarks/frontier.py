@@ -28,14 +28,24 @@ def gptq(bits: int, targets: str = "Linear", group_size: int = 64):
     )
 
 
-def svd(ratio: float, multiple: int = 64, variant: str = ""):
-    """SVD-LLM at ``ratio``; ``variant`` '+'-joined: ``output`` (update: output), a sigma placement
-    (``split``, ``u``, ``v``); ``qa`` is handled by ``quantize``."""
+def svd(ratio: float, multiple: int = 64, variant: str = "", fisher_batches: int = 16):
+    """SVD-LLM at ``ratio``; ``variant`` '+'-joined: ``output`` (update: output), ``update``
+    (update: input), ``fisher`` (row_weighting: fisher on ``fisher_batches`` samples), ``intra``
+    (intra_layer), ``best`` (= fisher+update+intra, the best whitening-only configuration measured),
+    a sigma placement (``split``, ``u``, ``v``); ``qa`` is handled by ``quantize``."""
     from svdllm_plugin import SVDLLMModifier
 
     parts = set(filter(None, variant.split("+")))
+    if "best" in parts:
+        parts |= {"fisher", "update", "intra"}
     sigma = next((p for p in ("u", "v", "split") if p in parts), "split")
     settings = dict(update="output") if "output" in parts else {}
+    if "update" in parts:
+        settings["update"] = "input"
+    if "fisher" in parts:
+        settings.update(row_weighting="fisher", fisher_batches=fisher_batches)
+    if "intra" in parts:
+        settings["intra_layer"] = True
     settings["rotation"] = "random" if "rot" in parts else "none"  # GPTQ runs in its own oneshot
     return SVDLLMModifier(ratio=ratio, rank_multiple=multiple, sigma=sigma, **settings)
 
@@ -117,9 +127,10 @@ def main() -> None:
     for point in args.svd:
         ratio, bits, *rest = point.split(":")
         ratio, bits, variant = float(ratio), int(bits), (rest[0] if rest else "")
-        modifier = svd(ratio, variant=variant)
+        modifier = svd(ratio, variant=variant, fisher_batches=args.num_samples)
         model, seconds = run_recipe(bench, modifier, propagate_error=modifier.propagates)
-        key = (ratio, modifier.sigma, modifier.update)  # sigma placement does not change W_u W_v
+        # sigma placement does not change W_u W_v
+        key = (ratio, modifier.sigma, modifier.update, modifier.row_weighting, modifier.intra_layer)
         if key not in svd_only:
             svd_only[key] = (bench.ppl(model), bench.ppl_other(model), modifier.achieved_ratio)
         svd_ppl, svd_other, achieved = svd_only[key]

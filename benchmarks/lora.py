@@ -5,8 +5,8 @@ simultaneous (the paper's comparison), each against no fine-tuning.
 
 Compresses once (SVD-LLM, original activations), saves, then reloads that checkpoint for
 each variant and fine-tunes through llmcompressor's oneshot with SequentialLoRAModifier.
-Held-out perplexity is on the embedded evaluation split (not the LoRA training text).
-Writes benchmarks/results/lora.{json,md}.
+Held-out perplexity is on the embedded evaluation split (not the LoRA training text) and on
+another domain (license prose, ``ppl_other``). Writes benchmarks/results/NAME.{json,md}.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--name", default="lora")
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, 256, args.eval_windows)
     svd = SVDLLMModifier(ratio=args.ratio)
     model, seconds = run_recipe(bench, svd, propagate_error=not single_pass([svd]))
-    base_ppl = bench.ppl(model)
-    rows = [dict(variant="none (SVD-LLM only)", ppl=base_ppl, seconds=seconds)]
-    print(markdown(rows, ["variant", "ppl", "seconds"]), flush=True)
+    columns = ["variant", "ppl", "ppl_other", "seconds"]
+    dense = dict(variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model), seconds=0.0)
+    rows = [dense, dict(variant="none (SVD-LLM only)", ppl=bench.ppl(model), ppl_other=bench.ppl_other(model), seconds=seconds)]
+    print(markdown(rows, columns), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = f"{tmp}/svd"
         save_pretrained(model, folder, bench.tokenizer)
@@ -67,6 +69,7 @@ def main() -> None:
                 dict(
                     variant=variant,
                     ppl=bench.ppl(model),
+                    ppl_other=bench.ppl_other(model),
                     seconds=time.perf_counter() - start,
                     rounds=[
                         (r["factor"], round(r["first_loss"], 3), round(r["last_loss"], 3))
@@ -74,11 +77,11 @@ def main() -> None:
                     ],
                 )
             )
-            print(markdown(rows[-1:], ["variant", "ppl", "seconds"]), flush=True)
-            save("lora", dict(args=vars(args), dense_ppl=bench.ppl(bench.model), rows=rows))
-    table = markdown(rows, ["variant", "ppl", "seconds"])
+            print(markdown(rows[-1:], columns), flush=True)
+            save(args.name, dict(args=vars(args), rows=rows))
+    table = markdown(rows, columns)
     print(table)
-    save("lora", dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
+    save(args.name, dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
 
 
 def run_lora(model, modifier) -> None:

@@ -142,26 +142,33 @@ def main() -> None:
         .with_suffix(".md")
         .write_text(table + "\n")
     )
-    plot(rows, dense_ppl, args.name)
+    plot(rows, dense_ppl, args.name, dense_other)
 
 
-def plot(rows: list[dict], dense_ppl: float, name: str) -> None:
+def plot(rows: list[dict], dense_ppl: float, name: str, dense_other: float | None = None) -> None:
+    """Perplexity vs ratio per config: held-out text of the calibration's domain (left) and of
+    another domain (right, when the rows have it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from common import RESULTS
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for config in dict.fromkeys(r["config"] for r in rows):
-        pts = [(r["ratio"], r["ppl"]) for r in rows if r["config"] == config]
-        ax.plot(*zip(*pts), marker="o", label=config)
-    ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("ratio (fraction of each matrix's parameters removed)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M: method x allocation x ratio")
-    ax.legend(fontsize=8)
+    panels = [("ppl", "held-out perplexity, calibration domain (log)", dense_ppl)]
+    if all("ppl_other" in r for r in rows):
+        panels.append(("ppl_other", "perplexity, other domain (log)", dense_other))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, dense) in zip(axes[0], panels):
+        for config in dict.fromkeys(r["config"] for r in rows):
+            pts = sorted((r["ratio"], r[key]) for r in rows if r["config"] == config)
+            ax.plot(*zip(*pts), marker="o", label=config)
+        if dense is not None and dense == dense:
+            ax.axhline(dense, color="gray", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("ratio (fraction of each matrix's parameters removed)")
+        ax.set_ylabel(label)
+    axes[0][0].set_title("SmolLM2-135M: method x ratio")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
 

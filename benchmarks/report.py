@@ -16,19 +16,23 @@ from methods import plot
 
 
 def methods() -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("methods*.json"))]
-    if not runs:
+    """One table per methods run (each run is one process: its rows compare like for like);
+    the plot from the grid run (methods_grid.json) when present, else from every run."""
+    paths = sorted(RESULTS.glob("methods*.json"))
+    if not paths:
         return
+    columns = ["config", "ratio", "params_after", "ppl", "ppl_other", "seconds"]
+    for path in paths:
+        run = json.loads(path.read_text())
+        rows = run["rows"]
+        dense = run.get("dense_ppl", float("nan"))
+        print(f"### {path.stem} (dense perplexity {dense:.3f} / other domain {run.get('dense_ppl_other', float('nan')):.3f})\n")
+        print(markdown(rows, [c for c in columns if all(c in r for r in rows)]))
+        print()
+    grid = RESULTS / "methods_grid.json"
+    runs = [json.loads(p.read_text()) for p in ([grid] if grid.exists() else paths)]
     rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["config"], r["ratio"]))
-    for row in rows:  # x floor is only comparable where the floor was measured just before the run
-        if "floor_forward_s" not in row:
-            row["x_floor"] = "-"
-    dense = runs[0]["dense_ppl"]
-    floors = sorted({round(run["floor_forward_s"], 1) for run in runs})
-    print(f"### Methods (dense perplexity {dense:.3f}; forward pass over calibration data {floors} s)\n")
-    print(markdown(rows, ["config", "ratio", "ppl", "seconds", "statistics_s", "factorization_s", "x_floor"]))
-    plot(rows, dense, "methods")
-    print()
+    plot(rows, runs[0]["dense_ppl"], "methods", runs[0].get("dense_ppl_other"))
 
 
 def table(name: str, columns: list[str]) -> None:
@@ -69,5 +73,6 @@ def reference() -> None:
 if __name__ == "__main__":
     methods()
     table("frontier", ["point", "ratio", "bits", "MB", "ppl", "seconds"])
+    table("lora_other", ["variant", "ppl", "ppl_other", "seconds", "rounds"])
     table("lora", ["variant", "ppl", "seconds", "rounds"])
     reference()
