@@ -7,9 +7,7 @@ better) into benchmarks/results/. Nothing here is part of the test suite.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import torch
 
 import svdllm_plugin  # noqa: F401  (registers the modifiers)
-from svdllm_plugin.data import calibration_dataset, eval_windows, load_text
+from svdllm_plugin.data import calibration_dataset, eval_windows, load_text, other_domain_text, spread_windows
 from svdllm_plugin.evaluate import perplexity
 from svdllm_plugin.models import load_model_and_tokenizer
 
@@ -41,33 +39,6 @@ class Bench:
 
     def ppl_other(self, model) -> float:
         return perplexity(model, self.other, progress=False) if self.other is not None else float("nan")
-
-
-def spread_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
-    """``count`` windows of ``seq_len`` tokens at evenly spaced offsets over the whole text
-    (not only its first licenses): LongTensor (count, seq_len)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    starts = torch.linspace(0, ids.numel() - seq_len, count).long()
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-
-def other_domain_text() -> str:
-    """English legal prose: the license files of the installed packages (site-packages'
-    ``*.dist-info/**/LICEN*``), de-duplicated by content, in path order. Another domain than
-    the docstring calibration text, present on every machine that runs the benchmarks."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    seen, parts = set(), []
-    for path in sorted(root.glob("*.dist-info/**/*")):
-        if not path.is_file() or not path.name.upper().startswith("LICEN"):
-            continue
-        text = path.read_text(errors="replace").strip()
-        digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()  # same text, other spacing
-        if text and digest not in seen:
-            seen.add(digest)
-            parts.append(text)
-    if not parts:
-        raise RuntimeError(f"no license files under {root}/*.dist-info: no other-domain text")
-    return "\n\n".join(parts)
 
 
 def setup(

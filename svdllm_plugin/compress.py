@@ -35,6 +35,9 @@ svd_stage:
 """
 
 
+OTHER_DOMAIN = "license prose"  # svdllm_plugin.data.other_domain_text
+
+
 @dataclass
 class CompressionReport:
     model: str
@@ -45,6 +48,8 @@ class CompressionReport:
     params_model_after: int = 0
     ppl_before: float | None = None
     ppl_after: float | None = None
+    ppl_other_before: float | None = None  # another domain than the calibration text (license prose)
+    ppl_other_after: float | None = None
     seconds: float = 0.0
     peak_memory_gib: float = 0.0
     modules: int = 0
@@ -73,6 +78,7 @@ class CompressionReport:
                 reduction(self.params_model_before, self.params_model_after),
             ),
             ("held-out perplexity", ppl(self.ppl_before), ppl(self.ppl_after), ""),
+            ("other-domain perplexity", ppl(self.ppl_other_before), ppl(self.ppl_other_after), OTHER_DOMAIN),
             ("time", f"{self.seconds:.1f} s", "", ""),
             ("peak memory", f"{self.peak_memory_gib:.2f} GiB", "", ""),
             ("output", self.output, "", ""),
@@ -226,14 +232,17 @@ def compress(
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
     calib = distributed.rank_partition(calib)  # this rank's share under torchrun
-    windows = None
+    windows = other = None
     if eval_windows:
         windows = make_windows(tokenizer, eval_text, seq_len, eval_windows, option="--eval-windows")
+        other = _other_domain_windows(tokenizer, seq_len, eval_windows)
     report = CompressionReport(model=model, output=str(output))
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
 
     if windows is not None:
         report.ppl_before = perplexity(model_obj.to(device), windows, desc="Perplexity before")
+    if other is not None:
+        report.ppl_other_before = perplexity(model_obj, other, desc="Other-domain perplexity before")
     model_obj.to("cpu")
     from llmcompressor import oneshot
 
@@ -249,6 +258,8 @@ def compress(
     )
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")
+    if other is not None:
+        report.ppl_other_after = perplexity(model_obj, other, desc="Other-domain perplexity after")
     model_obj.to("cpu")
     report.params_targeted_before, report.params_targeted_after, report.params_model_after = parameter_counts(
         model_obj
@@ -260,10 +271,27 @@ def compress(
         output,
         tokenizer,
         overwrite=overwrite,
-        extra={"ppl_before": report.ppl_before, "ppl_after": report.ppl_after},
+        extra={
+            "ppl_before": report.ppl_before,
+            "ppl_after": report.ppl_after,
+            "ppl_other_before": report.ppl_other_before,
+            "ppl_other_after": report.ppl_other_after,
+        },
         recipe=recipe_text,
         base_model=model,
     )
     report.seconds = time.perf_counter() - start
     report.peak_memory_gib = peak_memory_gib()
     return report
+
+
+def _other_domain_windows(tokenizer, seq_len: int, count: int):
+    """Windows of another domain than the calibration text (the installed packages' license
+    prose), to show calibration over-fitting; None, with a log line, where there is none."""
+    from svdllm_plugin.data import other_domain_text, spread_windows
+
+    try:
+        return spread_windows(tokenizer, other_domain_text(), seq_len, count)
+    except (FileNotFoundError, ValueError) as error:
+        logger.warning("no other-domain perplexity: {}", error)
+        return None

@@ -24,7 +24,15 @@ from loguru import logger
 
 from svdllm_plugin.models import cache_dir
 
-__all__ = ["EMBEDDED", "embedded_text", "load_text", "calibration_dataset", "eval_windows"]
+__all__ = [
+    "EMBEDDED",
+    "embedded_text",
+    "load_text",
+    "calibration_dataset",
+    "eval_windows",
+    "other_domain_text",
+    "spread_windows",
+]
 
 EMBEDDED = "embedded"
 SPLITS = ("calibration", "evaluation")
@@ -398,3 +406,32 @@ def eval_windows(
     if max_windows is not None:
         W = min(W, max_windows)
     return ids[: W * seq_len].view(W, seq_len)
+
+
+def other_domain_text() -> str:
+    """English legal prose: the license files of the installed packages (site-packages'
+    ``*.dist-info/**/LICEN*``), de-duplicated by content, in path order. Another domain than the
+    docstring calibration text, present offline on every machine the plugin is installed on."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    seen, parts = set(), []
+    for path in sorted(root.glob("*.dist-info/**/*")):
+        if not path.is_file() or not path.name.upper().startswith("LICEN"):
+            continue
+        text = path.read_text(errors="replace").strip()
+        digest = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()  # same text, other spacing
+        if text and digest not in seen:
+            seen.add(digest)
+            parts.append(text)
+    if not parts:
+        raise FileNotFoundError(f"no license files under {root}/*.dist-info: no other-domain text")
+    return "\n\n".join(parts)
+
+
+def spread_windows(tokenizer, text: str, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` windows of ``seq_len`` tokens at evenly spaced offsets over the whole text
+    (not only its first licenses): LongTensor (count, seq_len)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    if ids.numel() < seq_len:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    starts = torch.linspace(0, ids.numel() - seq_len, count).long()
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -33,7 +33,7 @@ def folder(tmp_path_factory, tiny_factory, tokenizer) -> Path:
         tmp_path_factory.mktemp("fmt") / "ckpt",
         tokenizer,
         recipe=RECIPE,
-        extra={"ppl_before": 12.5, "ppl_after": 14.25},
+        extra={"ppl_before": 12.5, "ppl_after": 14.25, "ppl_other_before": 18.0, "ppl_other_after": 40.5},
         base_model="org/tiny-base",
     )
 
@@ -57,6 +57,7 @@ def test_model_card(folder):
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "base_model: org/tiny-base" in card
     assert "| held-out perplexity (measured by the run) | 12.500 | 14.250 |" in card
+    assert "| other-domain perplexity (license prose) | 18.000 | 40.500 |" in card
     assert "| up_proj | 2 | 16 | 16 | 16 |" in card
     assert "| parameters |" in card and "| weight bytes |" in card
     assert "trust_remote_code=True" in card and "load_pretrained" in card and "recipe.yaml" in card

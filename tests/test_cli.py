@@ -42,7 +42,11 @@ def test_compress_then_eval_json(tiny_dir, tmp_path, capsys):
     )
     table = capsys.readouterr().out
     assert "params (targeted)" in table and "held-out perplexity" in table and str(out) in table
+    other = next(line for line in table.splitlines() if "other-domain perplexity" in line)
+    before, after = (float(cell) for cell in other.split("|")[2:4])  # measured on license prose
+    assert before > 1 and after > 1
     config = json.loads((out / "config.json").read_text())
+    assert config["svdllm"]["ppl_other_after"] == pytest.approx(after, abs=1e-3)
     assert len(config["svdllm"]["ranks"]) == 14
     assert main(["eval", str(out), "--seq-len", "32", "--max-windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

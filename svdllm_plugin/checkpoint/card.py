@@ -77,6 +77,11 @@ def write_model_card(
             f"| held-out perplexity (measured by the run) | {_num(record.get('ppl_before'))} | "
             f"{_num(record.get('ppl_after'))} |"
         )
+    if record.get("ppl_other_before") is not None or record.get("ppl_other_after") is not None:
+        lines.append(
+            f"| other-domain perplexity (license prose) | {_num(record.get('ppl_other_before'))} | "
+            f"{_num(record.get('ppl_other_after'))} |"
+        )
     lines += ["", "## Ranks", "", *_ranks_table(ranks), ""]
     lines += [
         "## Recipe",
