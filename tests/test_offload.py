@@ -145,12 +145,21 @@ def test_w4_quantizes_the_merged_factors(saved):
         assert torch.unique(Q[0, :64]).numel() <= 16, f"{name}: not on a 4-bit grid"
 
 
-def test_fwsvd_fisher_pass_on_an_offloaded_model_equals_the_in_memory_run(dense_dir, calib, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"method": "fwsvd", "fisher_batches": 2},
+        {"row_weighting": "fisher", "fisher_batches": 2, "update": "input", "intra_layer": True},
+    ],
+    ids=["fwsvd", "fisher-update-intra"],
+)
+def test_whole_model_passes_on_an_offloaded_model_equal_the_in_memory_run(dense_dir, calib, tmp_path, extra):
     """FWSVD's gradient pass reads no weight gradient (an offloaded weight's .grad would land on a
-    temporary copy) and re-onloads the weights autograd needs: same factors as in memory."""
+    temporary copy) and re-onloads the weights autograd needs; the original stream and the
+    intra-layer replays run the offloaded decoder layers again: same factors as in memory."""
     from transformers import AutoModelForCausalLM
 
-    settings = {**SVD, "method": "fwsvd", "fisher_batches": 2}
+    settings = {**SVD, **extra}
     fwsvd = {"svd_stage": {"svd_modifiers": {"SVDLLMModifier": settings}}}
     text, data = yaml.safe_dump(fwsvd), calib.select(range(2))
     offloaded = run_oneshot(load_disk_offloaded(dense_dir, tmp_path / "offload"), data, text)
