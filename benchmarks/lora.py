@@ -37,14 +37,21 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--name", default="lora")
+    parser.add_argument(
+        "--svd",
+        choices=["plain", "best"],
+        default="plain",
+        help="plain SVD-LLM, or the best whitening-only configuration (Fisher rows + update + intra_layer)",
+    )
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, 256, args.eval_windows)
-    svd = SVDLLMModifier(ratio=args.ratio)
+    best = dict(row_weighting="fisher", fisher_batches=args.num_samples, update="input", intra_layer=True)
+    svd = SVDLLMModifier(ratio=args.ratio, **(best if args.svd == "best" else {}))
     model, seconds = run_recipe(bench, svd, propagate_error=not single_pass([svd]))
     columns = ["variant", "ppl", "ppl_other", "seconds"]
     dense = dict(variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model), seconds=0.0)
-    rows = [dense, dict(variant="none (SVD-LLM only)", ppl=bench.ppl(model), ppl_other=bench.ppl_other(model), seconds=seconds)]
+    rows = [dense, dict(variant=f"none ({args.svd} SVD-LLM only)", ppl=bench.ppl(model), ppl_other=bench.ppl_other(model), seconds=seconds)]
     print(markdown(rows, columns), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = f"{tmp}/svd"

@@ -29,10 +29,14 @@ def methods() -> None:
         print(f"### {path.stem} (dense perplexity {dense:.3f} / other domain {run.get('dense_ppl_other', float('nan')):.3f})\n")
         print(markdown(rows, [c for c in columns if all(c in r for r in rows)]))
         print()
-    grid = RESULTS / "methods_grid.json"
-    runs = [json.loads(p.read_text()) for p in ([grid] if grid.exists() else paths)]
-    rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (r["config"], r["ratio"]))
-    plot(rows, runs[0]["dense_ppl"], "methods", runs[0].get("dense_ppl_other"))
+    chosen = [RESULTS / "methods_grid.json", RESULTS / "methods_best.json"]
+    runs = [json.loads(p.read_text()) for p in (chosen if all(p.exists() for p in chosen) else paths)]
+    rows = {(r["config"], r["ratio"]): r for run in runs for r in run["rows"]}  # one row per point
+    rows = sorted(rows.values(), key=lambda r: (r["config"], r["ratio"]))
+    collapsed = {r["config"] for r in rows if r["ppl"] > 1e4}  # worse than guessing: shown in the table only
+    shown = [r for r in rows if r["config"] not in collapsed]
+    print(f"plot leaves out the collapsed configs {sorted(collapsed)} (perplexity > 1e4)")
+    plot(shown, runs[0]["dense_ppl"], "methods", runs[0].get("dense_ppl_other"))
 
 
 def table(name: str, columns: list[str]) -> None:
