@@ -164,26 +164,36 @@ def main() -> None:
 
 
 def plot(rows: list[dict], name: str = "frontier") -> None:
+    """Size vs perplexity on the calibration's domain (left) and another domain (right); points
+    above 1e4 (collapsed) and the dense fp32 model are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pick, style in [
-        ("GPTQ only", lambda r: r["ratio"] == 0, "o-"),
-        ("SVD-LLM + GPTQ", lambda r: r["ratio"] > 0, "s--"),
-    ]:
-        pts = sorted((r["MB"], r["ppl"]) for r in rows if pick(r) and r["bits"] < 32)
-        if pts:
-            ax.plot(*zip(*pts), style, label=label)
-    for r in rows:
-        ax.annotate(r["point"], (r["MB"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("checkpoint size on disk (MB, embeddings fp32 in all)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M: size / quality frontier")
-    ax.legend()
+    rows = [r for r in rows if r["bits"] < 32 and r["ppl"] < 1e4]
+    panels = [("ppl", "held-out perplexity, calibration domain (log)")]
+    if all(r.get("ppl_other") is not None for r in rows):
+        panels.append(("ppl_other", "perplexity, other domain (log)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    series = [
+        ("GPTQ only", lambda r: r["ratio"] == 0, "o"),
+        ("SVD-LLM + GPTQ", lambda r: r["ratio"] > 0 and "best" not in r["point"], "s"),
+        ("best SVD (Fisher + update + intra) + GPTQ", lambda r: r["ratio"] > 0 and "best" in r["point"], "D"),
+    ]
+    for ax, (key, label) in zip(axes[0], panels):
+        for legend, pick, marker in series:
+            pts = sorted((r["MB"], r[key]) for r in rows if pick(r))
+            if pts:
+                ax.plot(*zip(*pts), marker, label=legend)
+        for r in rows:
+            short = r["point"].replace(" v+rot", "").replace("+best", " best")
+            ax.annotate(short, (r["MB"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("checkpoint size on disk (MB, embeddings fp32 in all)")
+        ax.set_ylabel(label)
+    axes[0][0].set_title("SmolLM2-135M: size / quality frontier")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / f"{name}.png", dpi=120)

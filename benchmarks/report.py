@@ -74,9 +74,25 @@ def reference() -> None:
         print()
 
 
+def frontier() -> None:
+    """The latest frontier runs (frontier_h: GPTQ 8/4/3/2 and the 0.2 points; frontier_i: the 0.1
+    points) as one table and frontier.png."""
+    from frontier import plot as plot_frontier
+
+    paths = [RESULTS / "frontier_h.json", RESULTS / "frontier_i.json"]
+    if not all(p.exists() for p in paths):
+        return
+    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    rows.sort(key=lambda r: (r["ratio"] > 0, -r["bits"], "best" in r["point"], -r["ratio"]))
+    print("### frontier (frontier_h + frontier_i)\n")
+    print(markdown(rows, ["point", "bits", "MB", "svd_ppl", "ppl", "x_svd", "ppl_other", "seconds"]))
+    print()
+    plot_frontier(rows, "frontier")
+
+
 if __name__ == "__main__":
     methods()
-    table("frontier", ["point", "ratio", "bits", "MB", "ppl", "seconds"])
+    frontier()
     table("lora_other", ["variant", "ppl", "ppl_other", "seconds", "rounds"])
     table("lora", ["variant", "ppl", "seconds", "rounds"])
     reference()
