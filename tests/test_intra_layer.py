@@ -37,7 +37,7 @@ def _spy_statistics(model, calib, modifier) -> tuple[dict[str, torch.Tensor], li
 
     def after_epoch(self, *args, **kwargs):
         epoch_end(self, *args, **kwargs)
-        held.append(len(self._inputs.batches) if self._inputs is not None else 0)
+        held.append(len(self._inputs.held) if self._inputs is not None else 0)
 
     SVDLLMModifier._factors, SVDLLMModifier.on_sequential_epoch_end = spy, after_epoch
     try:
@@ -95,3 +95,40 @@ def test_intra_layer_needs_propagation():
     with pytest.raises(ValueError, match="update: input"):
         SVDLLMModifier(intra_layer=True, update="output")
     assert SVDLLMModifier(intra_layer=True, update="input").intra_layer
+
+
+def test_two_decoder_layers_in_one_subgraph_are_replayed_each(two_layers, calib):
+    """With ``sequential_targets_per_subgraph: 2`` both decoder layers end their epoch together:
+    each is replayed on its own held inputs (layer 1's came from the still-dense layer 0)."""
+    from llmcompressor import oneshot
+
+    import svdllm_plugin  # noqa: F401
+
+    seen: dict[str, torch.Tensor] = {}
+    factors = SVDLLMModifier._factors
+
+    def spy(self, name, whitened):
+        seen[name] = self._collector.get(self._layers[name]).H.clone()
+        return factors(self, name, whitened)
+
+    model = AutoModelForCausalLM.from_pretrained(two_layers)
+    SVDLLMModifier._factors = spy
+    try:
+        oneshot(
+            model=model,
+            dataset=calib,
+            recipe=SVDLLMModifier(ratio=0.5, intra_layer=True, activations="propagated"),
+            num_calibration_samples=len(calib),
+            max_seq_length=len(calib[0]["input_ids"]),
+            sequential_targets_per_subgraph=2,
+        )
+    finally:
+        SVDLLMModifier._factors = factors
+    qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    for i in (0, 1):
+        prefix = f"model.layers.{i}."
+        dense = _dense_with(AutoModelForCausalLM.from_pretrained(two_layers), model, [prefix + n for n in qkv])
+        linear = dense.get_submodule(prefix + "self_attn.o_proj")
+        expected = passes.collect_statistics(dense, {"o": linear}, _loader(calib)).get(linear).H
+        got = seen[prefix + "self_attn.o_proj"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())

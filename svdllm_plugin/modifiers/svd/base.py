@@ -534,27 +534,34 @@ class SVDLLMModifier(Modifier):
         return list(self._records)
 
     def _compress_within_layer(self) -> None:
-        """intra_layer: compress the decoder layer's input groups in forward order, rerunning the
+        """intra_layer: compress each decoder layer's input groups in forward order, rerunning the
         layer on its held inputs before each later group so its statistics see the compressed
         groups before it (see ``intra.py``)."""
         collector, inputs = self._collector, self._inputs
         names = {m: n for n, m in self._layers.items()}
-        ready = {name for name, _ in self._ready()}
-        groups = groups_in_order(collector.leader, names, ready)
+        groups = groups_in_order(collector.leader, names, {name for name, _ in self._ready()})
+        if groups and not inputs.held:
+            raise RuntimeError(
+                "intra_layer reruns each decoder layer, but the calibration pipeline called none as a "
+                "module (its sequential targets are not the decoder layers); set `intra_layer: false`"
+            )
         from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-        for j, group in enumerate(groups):
-            if j > 0:  # statistics again, with the groups before this one compressed
-                members = {self._layers[name] for name in group}
-                collector.release(members)
-                self._collecting = members
-                try:
-                    with HooksMixin.disable_hooks(keep=self._stat_handles):
-                        inputs.replay()
-                finally:
-                    self._collecting = None
-                    collector.release_input()
-            self._compress_ready(only=set(group))
+        for layer in list(inputs.held):
+            inside = set(layer.modules())
+            for j, group in enumerate(g for g in groups if self._layers[g[0]] in inside):
+                if j > 0:  # statistics again, with the groups before this one compressed
+                    members = {self._layers[name] for name in group}
+                    collector.release(members)
+                    self._collecting = members
+                    try:
+                        with HooksMixin.disable_hooks(keep=self._stat_handles):
+                            inputs.replay(layer)
+                    finally:
+                        self._collecting = None
+                        collector.release_input()
+                self._compress_ready(only=set(group))
+        self._compress_ready()  # Linears outside the decoder layers, if any: no rerun
         inputs.release()
 
     def _ready(self, only: set[str] | None = None) -> list[tuple[str, SVDLinear]]:

@@ -29,42 +29,37 @@ def _to(device: torch.device):
 
 
 class LayerInputs:
-    """Per-batch (args, kwargs) of the decoder layer being calibrated, offloaded to ``device``;
-    a forward-pre hook (register with ``with_kwargs=True``). A new layer drops the previous one's.
-    """
+    """Per-batch (args, kwargs) of each decoder layer calibrated since the last ``release``
+    (one, unless a subgraph holds several), offloaded to ``device``; a forward-pre hook
+    (register with ``with_kwargs=True``)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.layer: nn.Module | None = None
-        self.batches: list[tuple[tuple, dict]] = []
-        self.onload: torch.device | None = None  # where the pipeline ran the layer
+        self.held: dict[nn.Module, list[tuple[tuple, dict]]] = {}  # in calibration order
+        self.onload: torch.device | None = None  # where the pipeline ran the layers
         self.replaying = False
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self.replaying:
             return None
-        if module is not self.layer:
-            self.layer, self.batches = module, []
         hidden = args[0] if args else kwargs["hidden_states"]
         self.onload = hidden.device
-        self.batches.append(tree_map(_to(self.device), (args, kwargs)))
+        self.held.setdefault(module, []).append(tree_map(_to(self.device), (args, kwargs)))
         return None
 
     @torch.no_grad()
-    def replay(self) -> None:
-        """Run the held layer once more on every held batch (outputs discarded)."""
-        if self.layer is None:
-            return
+    def replay(self, layer: nn.Module) -> None:
+        """Run ``layer`` once more on each of its held batches (outputs discarded)."""
         self.replaying = True
         try:
-            for args, kwargs in self.batches:
+            for args, kwargs in self.held.get(layer, []):
                 args, kwargs = tree_map(_to(self.onload), (args, kwargs))
-                self.layer(*args, **kwargs)
+                layer(*args, **kwargs)
         finally:
             self.replaying = False
 
     def release(self) -> None:
-        self.layer, self.batches = None, []
+        self.held = {}
 
 
 def groups_in_order(leaders: dict[nn.Module, nn.Module], names: dict[nn.Module, str], ready: set[str]) -> list[list[str]]:
