@@ -13,11 +13,9 @@ from svdllm_plugin.modifiers.svd import SVDLLMModifier, passes
 
 
 @pytest.fixture(scope="module")
-def two_layers(tmp_path_factory, tiny_factory, tokenizer):
-    path = tmp_path_factory.mktemp("intra") / "tiny2"
-    tiny_factory(hidden=64, layers=2).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def two_layers(tiny_dir):
+    """The conftest's saved 2-layer tiny Llama (hidden 64, GQA)."""
+    return tiny_dir
 
 
 def _loader(calib):

@@ -16,11 +16,8 @@ from svdllm_plugin.modifiers.svd.decompose import factorize, whiten_cholesky
 
 
 @pytest.fixture(scope="module")
-def three_layers(tmp_path_factory, tiny_factory, tokenizer):
-    path = tmp_path_factory.mktemp("memory") / "tiny3"
-    tiny_factory(hidden=64, layers=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def three_layers(tmp_path_factory, save_tiny):
+    return save_tiny(tmp_path_factory.mktemp("memory") / "tiny3", hidden=64, layers=3)
 
 
 @pytest.mark.parametrize(
