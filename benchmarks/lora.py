@@ -50,8 +50,18 @@ def main() -> None:
     svd = SVDLLMModifier(ratio=args.ratio, **(best if args.svd == "best" else {}))
     model, seconds = run_recipe(bench, svd, propagate_error=not single_pass([svd]))
     columns = ["variant", "ppl", "ppl_other", "seconds"]
-    dense = dict(variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model), seconds=0.0)
-    rows = [dense, dict(variant=f"none ({args.svd} SVD-LLM only)", ppl=bench.ppl(model), ppl_other=bench.ppl_other(model), seconds=seconds)]
+    dense = dict(
+        variant="dense", ppl=bench.ppl(bench.model), ppl_other=bench.ppl_other(bench.model), seconds=0.0
+    )
+    rows = [
+        dense,
+        dict(
+            variant=f"none ({args.svd} SVD-LLM only)",
+            ppl=bench.ppl(model),
+            ppl_other=bench.ppl_other(model),
+            seconds=seconds,
+        ),
+    ]
     print(markdown(rows, columns), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = f"{tmp}/svd"

@@ -36,8 +36,12 @@ CONFIGS = {
     "svd_llm+fisher": dict(method="svd_llm", row_weighting="fisher"),
     "svd_llm+fisher+update": dict(method="svd_llm", row_weighting="fisher", closed_form_update=True),
     "svd_llm+update+intra": dict(method="svd_llm", update="input", intra_layer=True),
-    "svd_llm+fisher+update+intra": dict(method="svd_llm", row_weighting="fisher", update="input", intra_layer=True),
-    "svd_llm+fisher16+update": dict(method="svd_llm", row_weighting="fisher", update="input", fisher_batches=16),
+    "svd_llm+fisher+update+intra": dict(
+        method="svd_llm", row_weighting="fisher", update="input", intra_layer=True
+    ),
+    "svd_llm+fisher16+update": dict(
+        method="svd_llm", row_weighting="fisher", update="input", fisher_batches=16
+    ),
     "svd_llm+fisher16+update+intra": dict(
         method="svd_llm", row_weighting="fisher", update="input", intra_layer=True, fisher_batches=16
     ),
@@ -71,45 +75,41 @@ def main() -> None:
     grid = [(c, r) for c in args.configs for r in args.ratios]
     if args.runs:
         grid = [(run.split("@")[0], float(run.split("@")[1])) for run in args.runs]
+
+    def save_run():
+        """The JSON so far (rewritten after every row: a stopped run keeps what it measured)."""
+        dense = dict(dense_ppl=dense_ppl, dense_ppl_other=dense_other, floor_forward_s=floor_forward)
+        return save(args.name, dict(args=vars(args), **dense, rows=rows))
+
     for config, ratio in grid:
-        if True:
-            settings = CONFIGS[config]
-            modifier = SVDLLMModifier(ratio=ratio, **settings)
-            if not args.skip_floor:
-                floor_forward = forward_floor(bench)  # re-measured per run: load on the machine varies
-            model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
-            factorization = sum(r["seconds"] for r in modifier.records)
-            row = dict(
-                config=config,
-                ratio=ratio,
-                achieved_ratio=1
-                - sum(r["params_after"] for r in modifier.records)
-                / sum(r["params_before"] for r in modifier.records),
-                params_after=sum(r["params_after"] for r in modifier.records),
-                ppl=bench.ppl(model),
-                ppl_other=bench.ppl_other(model),
-                seconds=seconds,
-                statistics_s=seconds - factorization,
-                factorization_s=factorization,
-                floor_forward_s=floor_forward,
-                x_floor=seconds / (floor_forward + factorization),
-                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            )
-            if modifier.sensitivity_cost:
-                row["search_s"] = modifier.sensitivity_cost["seconds"]
-            rows.append(row)
-            print(markdown([row], list(row)), flush=True)
-            save(
-                args.name,
-                dict(
-                    args=vars(args),
-                    dense_ppl=dense_ppl,
-                    dense_ppl_other=dense_other,
-                    floor_forward_s=floor_forward,
-                    rows=rows,
-                ),
-            )
-            del model
+        settings = CONFIGS[config]
+        modifier = SVDLLMModifier(ratio=ratio, **settings)
+        if not args.skip_floor:
+            floor_forward = forward_floor(bench)  # re-measured per run: load on the machine varies
+        model, seconds = run_recipe(bench, modifier, propagate_error=not single_pass([modifier]))
+        factorization = sum(r["seconds"] for r in modifier.records)
+        row = dict(
+            config=config,
+            ratio=ratio,
+            achieved_ratio=1
+            - sum(r["params_after"] for r in modifier.records)
+            / sum(r["params_before"] for r in modifier.records),
+            params_after=sum(r["params_after"] for r in modifier.records),
+            ppl=bench.ppl(model),
+            ppl_other=bench.ppl_other(model),
+            seconds=seconds,
+            statistics_s=seconds - factorization,
+            factorization_s=factorization,
+            floor_forward_s=floor_forward,
+            x_floor=seconds / (floor_forward + factorization),
+            peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        )
+        if modifier.sensitivity_cost:
+            row["search_s"] = modifier.sensitivity_cost["seconds"]
+        rows.append(row)
+        print(markdown([row], list(row)), flush=True)
+        save_run()
+        del model
     columns = [
         "config",
         "ratio",
@@ -128,20 +128,7 @@ def main() -> None:
         f"floor forward pass {floor_forward:.1f}s\n\n" + markdown(rows, columns)
     )
     print(table)
-    (
-        save(
-            args.name,
-            dict(
-                args=vars(args),
-                dense_ppl=dense_ppl,
-                dense_ppl_other=dense_other,
-                floor_forward_s=floor_forward,
-                rows=rows,
-            ),
-        )
-        .with_suffix(".md")
-        .write_text(table + "\n")
-    )
+    save_run().with_suffix(".md").write_text(table + "\n")
     plot(rows, dense_ppl, args.name, dense_other)
 
 

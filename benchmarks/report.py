@@ -25,8 +25,8 @@ def methods() -> None:
     for path in paths:
         run = json.loads(path.read_text())
         rows = run["rows"]
-        dense = run.get("dense_ppl", float("nan"))
-        print(f"### {path.stem} (dense perplexity {dense:.3f} / other domain {run.get('dense_ppl_other', float('nan')):.3f})\n")
+        dense, other = run.get("dense_ppl", float("nan")), run.get("dense_ppl_other", float("nan"))
+        print(f"### {path.stem} (dense perplexity {dense:.3f} / other domain {other:.3f})\n")
         print(markdown(rows, [c for c in columns if all(c in r for r in rows)]))
         print()
     chosen = [RESULTS / "methods_grid.json", RESULTS / "methods_best.json"]

@@ -68,7 +68,7 @@ class SVDLinear(nn.Module):
         for child in (layer.svd_u, layer.svd_v):
             nn.init.zeros_(child.weight)
         if linear.bias is not None:
-            layer.svd_u.bias.data.copy_(linear.bias.detach())
+            layer.svd_u.bias.data.copy_(linear.bias.detach())  # safe: `layer` is not offloaded yet (above)
         offload_like(layer, linear)
         with disable_onloading():  # hand over the stored tensor itself (the offload index keys on it)
             layer._buffers["dense_weight"] = W if is_offloaded(linear) else W.detach()

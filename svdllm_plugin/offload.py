@@ -2,7 +2,7 @@
 
 When a model is offloaded (sequential onloading on a GPU, or CPU/disk offload from
 ``compressed_tensors.offload.load_offloaded_model``), ``module.weight`` of an offloaded
-module is an onloaded *copy*: in-place edits and ``.data =`` writes are lost. Every change
+module is an onloaded *copy*: in-place edits and assignments to its data are lost. Every change
 this plugin makes to a parameter goes through ``write_parameter``, which uses
 ``update_offload_parameter`` (same shape) or replaces the entry in the module's offload
 cache (new shape, e.g. a factor whose rank changed), so the new value is what the next

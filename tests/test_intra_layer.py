@@ -19,7 +19,9 @@ def two_layers(tiny_dir):
 
 
 def _loader(calib):
-    return [{k: torch.tensor([calib[i][k]]) for k in ("input_ids", "attention_mask")} for i in range(len(calib))]
+    return [
+        {k: torch.tensor([calib[i][k]]) for k in ("input_ids", "attention_mask")} for i in range(len(calib))
+    ]
 
 
 def _spy_statistics(model, calib, modifier) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -54,7 +56,9 @@ def _dense_with(dense: nn.Module, compressed: nn.Module, names: list[str]) -> nn
     return dense
 
 
-@pytest.mark.parametrize("settings", [dict(update="input"), dict(activations="propagated")], ids=["update", "propagated"])
+@pytest.mark.parametrize(
+    "settings", [dict(update="input"), dict(activations="propagated")], ids=["update", "propagated"]
+)
 def test_statistics_see_the_compressed_linears_before_them_in_the_layer(two_layers, calib, settings):
     """Layer 0's o_proj is factorized with exactly the X X^T of its inputs when q/k/v (and only
     they) are replaced by their final factors; down_proj with q..up replaced; without
@@ -65,8 +69,14 @@ def test_statistics_see_the_compressed_linears_before_them_in_the_layer(two_laye
     prefix = "model.layers.0."
     stages = {
         "self_attn.o_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        "mlp.down_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                          "mlp.gate_proj", "mlp.up_proj"],
+        "mlp.down_proj": [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ],
     }
     for target, before in stages.items():
         dense = _dense_with(
@@ -74,7 +84,9 @@ def test_statistics_see_the_compressed_linears_before_them_in_the_layer(two_laye
         )
         linear = dense.get_submodule(prefix + target)
         expected = passes.collect_statistics(dense, {target: linear}, _loader(calib)).get(linear).H
-        torch.testing.assert_close(seen[prefix + target], expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+        torch.testing.assert_close(
+            seen[prefix + target], expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item()
+        )
 
     plain, _ = _spy_statistics(
         AutoModelForCausalLM.from_pretrained(two_layers), calib, SVDLLMModifier(ratio=0.5, **settings)
@@ -82,7 +94,9 @@ def test_statistics_see_the_compressed_linears_before_them_in_the_layer(two_laye
     original = AutoModelForCausalLM.from_pretrained(two_layers)
     o_proj = original.get_submodule(prefix + "self_attn.o_proj")
     dense_H = passes.collect_statistics(original, {"o": o_proj}, _loader(calib)).get(o_proj).H
-    torch.testing.assert_close(plain[prefix + "self_attn.o_proj"], dense_H, rtol=1e-5, atol=1e-6 * dense_H.abs().max().item())
+    torch.testing.assert_close(
+        plain[prefix + "self_attn.o_proj"], dense_H, rtol=1e-5, atol=1e-6 * dense_H.abs().max().item()
+    )
     assert not torch.allclose(seen[prefix + "self_attn.o_proj"], dense_H, rtol=1e-3)
     assert all(isinstance(model.get_submodule(prefix + n), SVDLinear) for n in stages["mlp.down_proj"])
 
@@ -125,7 +139,9 @@ def test_two_decoder_layers_in_one_subgraph_are_replayed_each(two_layers, calib)
     qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
     for i in (0, 1):
         prefix = f"model.layers.{i}."
-        dense = _dense_with(AutoModelForCausalLM.from_pretrained(two_layers), model, [prefix + n for n in qkv])
+        dense = _dense_with(
+            AutoModelForCausalLM.from_pretrained(two_layers), model, [prefix + n for n in qkv]
+        )
         linear = dense.get_submodule(prefix + "self_attn.o_proj")
         expected = passes.collect_statistics(dense, {"o": linear}, _loader(calib)).get(linear).H
         got = seen[prefix + "self_attn.o_proj"]

@@ -62,7 +62,9 @@ class LayerInputs:
         self.held = {}
 
 
-def groups_in_order(leaders: dict[nn.Module, nn.Module], names: dict[nn.Module, str], ready: set[str]) -> list[list[str]]:
+def groups_in_order(
+    leaders: dict[nn.Module, nn.Module], names: dict[nn.Module, str], ready: set[str]
+) -> list[list[str]]:
     """The ready modules grouped by shared input, in the order the forward first reached them.
 
     ``leaders``: module -> the first module of its input group, insertion-ordered by first call
