@@ -134,6 +134,8 @@ def check_output_dir(
             f"--output {path} is {target}, the current folder or one of its parents; "
             "name a new folder, e.g. --output compressed"
         )
+    if target.parent.is_dir():  # first: it may put back a checkpoint a killed overwrite moved aside
+        remove_stale_temp_dirs(target.parent)
     if target.exists() or target.is_symlink():
         if not overwrite:
             raise FileExistsError(
@@ -143,8 +145,6 @@ def check_output_dir(
             raise FileExistsError(f"output {path} is a file, not a folder; choose another --output")
         _check_replaceable(path, target, inputs)
     _check_creatable(path, target)
-    if target.parent.is_dir():
-        remove_stale_temp_dirs(target.parent)
     return target
 
 

@@ -147,6 +147,8 @@ def _patterns(modifier) -> list[str]:
         return sorted({t for group in config.config_groups.values() for t in group.targets})
     if kind is None and type(modifier).__name__ != "SequentialLoRAModifier":
         return []
+    if type(modifier).__name__ == "MagnitudePruningModifier":  # its targets name parameters
+        return []
     targets = getattr(modifier, "targets", None)
     targets = [targets] if isinstance(targets, str) else targets
     return [t for t in targets or [] if isinstance(t, str) and t != "__ALL__"]
