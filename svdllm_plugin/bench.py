@@ -534,6 +534,25 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _check_plot_path(path: str) -> str:
+    """The file ``plot`` will write (``.png`` added to a bare name, as matplotlib does), refused now
+    when it is a folder, cannot be created, or has a type matplotlib cannot write."""
+    from svdllm_plugin.atomic import check_output_file
+
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install 'svdllm-plugin[bench]'") from error
+    file = check_output_file(path, "--plot", suffix=".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if file.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--plot {path}: matplotlib cannot write {file.suffix!r} files; "
+            "end the name in .png, .pdf or .svg"
+        )
+    return str(file)
+
+
 def run(args) -> str:
     import torch
 
@@ -542,9 +561,7 @@ def run(args) -> str:
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--decode-tokens and --repeats must be >= 1 and --warmup >= 0")
     if args.plot:  # checked now, not after minutes of measurements
-        from svdllm_plugin.atomic import check_output_file
-
-        args.plot = str(check_output_file(args.plot, "--plot", suffix=".png"))
+        args.plot = _check_plot_path(args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = []

@@ -332,6 +332,11 @@ CASES = [
         {"plots/old.png": "x"},
     ),
     Case(
+        "bench-plot-unknown-type",
+        ["bench", "{tiny}", "--plot", "{tmp}/plot.txt"],
+        "--plot {tmp}/plot.txt: matplotlib cannot write '.txt' files; end the name in .png, .pdf or .svg",
+    ),
+    Case(
         "bench-plot-unwritable",
         ["bench", "{tiny}", "--plot", "/proc/svdllm.png"],
         "cannot create --plot /proc/svdllm.png: /proc",
