@@ -59,9 +59,11 @@ def _resolved(path: Path) -> Path:
 def _check_replaceable(path: Path, target: Path, inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
     """Refuse to replace ``target`` (an existing folder) unless it is a checkpoint of ours and
     holds none of the run's inputs."""
-    for what, source in inputs:
-        source = _resolved(Path(source).expanduser())
-        if source == target or target in source.parents:
+    for what, given in inputs:
+        given = Path(given).expanduser()
+        for source in dict.fromkeys((_resolved(given), given.resolve())):  # the path, where a link leads
+            if source != target and target not in source.parents:
+                continue
             raise FileExistsError(
                 f"--output {path} {'is' if source == target else 'holds'} the input {what} {source}; "
                 "--overwrite would delete it: choose another --output"

@@ -71,6 +71,17 @@ def test_overwrite_never_deletes_the_input_model(tiny_dir, tmp_path, capsys, no_
     assert _tree(tmp_path) == before and not _hidden(tmp_path)
 
 
+def test_overwrite_never_deletes_an_input_reached_through_a_link(tmp_path):
+    out = _ours(tmp_path / "out")
+    (out / "data.txt").write_text("text")
+    link = tmp_path / "elsewhere" / "data.txt"
+    link.parent.mkdir()
+    link.symlink_to(out / "data.txt")
+    with pytest.raises(FileExistsError, match=f"holds the input dataset {out}/data.txt"):
+        check_output_dir(out, overwrite=True, inputs=[("dataset", link)])
+    assert (out / "data.txt").read_text() == "text"
+
+
 # ---------------------------------------------------------------- 2. unrelated files survive
 
 
