@@ -164,8 +164,8 @@ def _eval(args) -> str:
     from svdllm_plugin.evaluate import perplexity
 
     path = check_model(args.model)
-    check_seq_len(path, args.seq_len)
     text = load_text(args.dataset, "evaluation")  # read before the weights load
+    check_seq_len(path, args.seq_len)
     model, tokenizer = load_model_and_tokenizer(path, check=False)
     model.to(device)
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)

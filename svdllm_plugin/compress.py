@@ -219,8 +219,8 @@ def compress(
     _check_counts(num_samples, seq_len, eval_windows)
     device = check_device(device)
     path = check_model(model)
-    check_seq_len(path, seq_len)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    check_seq_len(path, seq_len)
     recipe_text, modifiers = load_recipe(recipe)
 
     from svdllm_plugin.modifiers.svd import distributed
