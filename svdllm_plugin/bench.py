@@ -534,6 +534,25 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _check_plot_path(path: str) -> str:
+    """The file ``plot`` will write (``.png`` added to a bare name, as matplotlib does), refused now
+    when it is a folder, cannot be created, or has a type matplotlib cannot write."""
+    from svdllm_plugin.atomic import check_output_file
+
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install 'svdllm-plugin[bench]'") from error
+    file = check_output_file(path, "--plot", suffix=".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if file.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--plot {path}: matplotlib cannot write {file.suffix!r} files; "
+            "end the name in .png, .pdf or .svg"
+        )
+    return str(file)
+
+
 def run(args) -> str:
     import torch
 
@@ -541,6 +560,8 @@ def run(args) -> str:
     shapes, contexts = _shapes(args.prefill), _ints(args.contexts, "--contexts")
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--decode-tokens and --repeats must be >= 1 and --warmup >= 0")
+    if args.plot:  # checked now, not after minutes of measurements
+        args.plot = _check_plot_path(args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = []
@@ -553,7 +574,13 @@ def run(args) -> str:
         raise ValueError(f"lengths {too_long} (+ --decode-tokens) exceed max_position_embeddings={limit}")
     results = benchmark(variants, shapes, contexts, args.decode_tokens, args.repeats, args.warmup, device)
     if args.plot:
-        plot(results, args.plot)
+        try:
+            plot(results, args.plot)
+        except Exception as error:  # keep the measurements: they go to the log before the error
+            print(format_table(results), file=sys.stderr)
+            raise RuntimeError(
+                f"--plot {args.plot} could not be written ({error}); the measurements are printed above"
+            ) from error
         print(f"plot written to {args.plot}", file=sys.stderr)
     # the CLI prints what run returns on stdout (logs go to stderr): the JSON alone with --json
     return json.dumps(results) if args.json else format_table(results)

@@ -144,7 +144,7 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 def _eval(args) -> str:
     from svdllm_plugin.compress import check_device
-    from svdllm_plugin.models import check_model, load_model_and_tokenizer
+    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
 
     device = check_device(args.device)
 
@@ -165,6 +165,7 @@ def _eval(args) -> str:
 
     path = check_model(args.model)
     text = load_text(args.dataset, "evaluation")  # read before the weights load
+    check_seq_len(path, args.seq_len)
     model, tokenizer = load_model_and_tokenizer(path, check=False)
     model.to(device)
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
@@ -244,7 +245,7 @@ def _export_gptq(args) -> str:
     from svdllm_plugin.export.gptq import export_gptq
     from svdllm_plugin.models import load_model_and_tokenizer
 
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=[("model", args.model)])
     model, tokenizer = load_model_and_tokenizer(args.model)
     folder = export_gptq(model, args.output, tokenizer, overwrite=args.overwrite)
     return f"exported {args.model} as an auto-gptq checkpoint to {folder}"

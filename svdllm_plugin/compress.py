@@ -140,15 +140,9 @@ def load_recipe(recipe: str | None):
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"recipe file {recipe} is not UTF-8 text ({error}); pass a YAML file") from error
-    import yaml
+    from svdllm_plugin.recipe_checks import check_order, parse_recipe
 
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or error
-        raise ValueError(f"recipe file {recipe}{line}: not valid YAML ({problem}); fix the YAML") from error
+    parse_recipe(text, recipe or "(default)")  # keys llmcompressor would drop, duplicates
     from llmcompressor.recipe import Recipe
 
     from svdllm_plugin import register_modifiers
@@ -160,6 +154,7 @@ def load_recipe(recipe: str | None):
             f"recipe {recipe or '(default)'} defines no modifiers: nest them as "
             "`<name>_stage: {<name>_modifiers: {SVDLLMModifier: {...}}}` (llmcompressor ignores other keys)"
         )
+    check_order(modifiers)
     return text, modifiers
 
 
@@ -214,16 +209,18 @@ def compress(
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
-    from svdllm_plugin.models import check_model, load_model_and_tokenizer
+    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
+    from svdllm_plugin.recipe_checks import check_against_model, check_applied, model_snapshot
 
     start = time.perf_counter()
     # pre-flight: every cheap check runs before the weights load and calibration starts
     # (the recipe last: parsing it imports llmcompressor, the slowest of these)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs=_inputs(model=model, dataset=dataset, recipe=recipe))
     _check_counts(num_samples, seq_len, eval_windows)
     device = check_device(device)
     path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    check_seq_len(path, seq_len)
     recipe_text, modifiers = load_recipe(recipe)
 
     from svdllm_plugin.modifiers.svd import distributed
@@ -244,6 +241,8 @@ def compress(
     if other is not None:
         report.ppl_other_before = perplexity(model_obj, other, desc="Other-domain perplexity before")
     model_obj.to("cpu")
+    check_against_model(modifiers, model_obj)  # patterns that match nothing, before calibration
+    snapshot = model_snapshot(model_obj)
     from llmcompressor import oneshot
 
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
@@ -256,6 +255,7 @@ def compress(
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
     )
+    check_applied(modifiers, model_obj, snapshot)  # a modifier that did nothing: refuse to save
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")
     if other is not None:
@@ -283,6 +283,11 @@ def compress(
     report.seconds = time.perf_counter() - start
     report.peak_memory_gib = peak_memory_gib()
     return report
+
+
+def _inputs(**paths: str | None) -> list[tuple[str, str]]:
+    """The run's input files and folders that exist, which ``--overwrite`` must never delete."""
+    return [(what, p) for what, p in paths.items() if p and Path(p).expanduser().exists()]
 
 
 def _other_domain_windows(tokenizer, seq_len: int, count: int):

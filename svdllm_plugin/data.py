@@ -226,6 +226,12 @@ def _json_texts(path: Path) -> list[str]:
 def _record_text(record, where: str) -> str:
     if isinstance(record, str):
         return record
+    if isinstance(record, dict) and "text" in record and not isinstance(record["text"], str):
+        value = record["text"]
+        raise ValueError(
+            f'{where}: "text" is {json.dumps(value)[:40]} ({type(value).__name__}), not a string; '
+            'each record must look like {"text": "..."}'
+        )
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise ValueError(f'{where}: has no "text" field; each record must look like {{"text": "..."}}')
     return record["text"]
@@ -380,6 +386,16 @@ def calibration_dataset(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (num_samples,), generator=generator)
     windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # (num_samples, seq_len)
+    if num_samples * seq_len > n:
+        logger.warning(
+            "Calibration: {} windows x {} tokens need {:,} tokens but the text has {:,}: the windows "
+            "overlap (the same tokens are counted more than once); give more text or lower "
+            "--num-samples / --seq-len",
+            num_samples,
+            seq_len,
+            num_samples * seq_len,
+            n,
+        )
     logger.info("Calibration: {} windows of {} tokens from {:,} tokens", num_samples, seq_len, n)
     return datasets.Dataset.from_dict(
         {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}

@@ -30,6 +30,7 @@ __all__ = [
     "cache_dir",
     "resolve_model_path",
     "check_model",
+    "check_seq_len",
     "load_model_and_tokenizer",
 ]
 
@@ -131,6 +132,9 @@ def hub_unreachable() -> str | None:
     except OSError as error:
         return f"the hub {constants.ENDPOINT} is unreachable ({error})"
     return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a vocabulary, not only its config
 
 
 def _read_config(path: str) -> dict:
@@ -246,6 +250,11 @@ def check_model(model: str) -> str:
             raise FileNotFoundError(f"model folder {folder} has no weights (*.safetensors); re-save it")
         for file in files:
             check_safetensors(file)
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"model folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+                "base model's tokenizer into it (tokenizer.save_pretrained(folder))"
+            )
     ranks = (config.get("svdllm") or {}).get("ranks")
     if ranks:
         if not isinstance(ranks, dict):
@@ -254,6 +263,17 @@ def check_model(model: str) -> str:
             )
         _check_ranks(model, path, ranks)
     return path
+
+
+def check_seq_len(path: str, seq_len: int) -> None:
+    """Refuse ``--seq-len`` beyond the positions the model was built for (as ``bench`` does)."""
+    config = _read_config(path)
+    limit = (config.get("text_config") or config).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}; "
+            f"give --seq-len {limit} or less"
+        )
 
 
 def load_model_and_tokenizer(model: str, dtype=None, check: bool = True):
