@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from torch import nn
 from conftest import run_oneshot
+from torch import nn
 
 from svdllm_plugin.layers import factorized_ranks
 from svdllm_plugin.modifiers.svd import SVDLLMModifier

@@ -224,8 +224,8 @@ def _check_complete(model, info: dict, folder) -> None:
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:
         raise ValueError(
-            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized structure "
-            f"has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder with svdllm-plugin"
+            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
+            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
         )
 
 
