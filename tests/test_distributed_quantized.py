@@ -9,6 +9,7 @@ failure; the folder rank 0 wrote must load and compute what the plugin's loader 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +49,23 @@ def torchrun_w4(tiny_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "svdllm_plugin.cli", "compress", "--model", str(tiny_dir), "--recipe", "svd_w4.yaml"]
     command += ["--output", "out", "--num-samples", "8", "--seq-len", "32", "--eval-windows", "0", "--debug"]
+    # its own process group: on a hang the ranks (torchrun's children) are killed with it
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as hang:
-        pytest.fail(f"torchrun SVD + W4 hung (deadlock at save?):\n{str(hang.stderr)[-3000:]}")
-    return work / "out", done
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun SVD + W4 hung (deadlock at save?):\n{stderr[-3000:]}")
+    return work / "out", subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_torchrun_svd_w4_saves_a_packed_folder(torchrun_w4):
