@@ -192,6 +192,13 @@ class _RopeStore:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.cos, self.sin) if t is not None]
 
+    def map(self, fn) -> None:
+        if self.cos is not None:
+            self.cos, self.sin = fn(self.cos), fn(self.sin)
+
+    def clear(self) -> None:
+        self.cos = self.sin = None
+
 
 class LatentLayer(DynamicLayer):
     """One attention layer's cache: latents for factorized k/v, plain tensors for dense ones."""
@@ -274,6 +281,28 @@ class LatentLayer(DynamicLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.latent_k, self.latent_v, self.keys, self.values) if t is not None]
+
+    def _map(self, fn) -> None:
+        for name in ("latent_k", "latent_v", "keys", "values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        if self.owns_rope:
+            self.rope.map(fn)
+
+    def offload(self) -> None:
+        """Move what this layer holds (latents, dense K/V, the shared cos/sin if it owns them) to CPU."""
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        """Empty the layer (the cache object is kept for the next generation)."""
+        self.latent_k = self.latent_v = self.keys = self.values = None
+        self.length = 0
+        if self.owns_rope:
+            self.rope.clear()
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("LatentKVCache supports greedy/sampled generation, not beam search")
