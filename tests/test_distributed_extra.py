@@ -1,5 +1,7 @@
-"""SVD + GPTQ W4 under ``torchrun -m svdllm_plugin.cli compress`` with 2 gloo ranks.
+"""Under torchrun with 2 gloo ranks: SVD + GPTQ W4 through ``torchrun -m svdllm_plugin.cli
+compress``, and an uneven split of the calibration samples (3 / 4).
 
+SVD + W4:
 The packed save calls compressed-tensors' ``compress_model``, which under torchrun is a
 collective (modules split over the ranks, results exchanged). Rank 0 used to save alone while
 rank 1 waited in a barrier: both hung after "oneshot done". The timeout turns a hang into a
@@ -8,6 +10,7 @@ failure; the folder rank 0 wrote must load and compute what the plugin's loader 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.checkpoint import load_pretrained
+from svdllm_plugin.layers import SVDLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
@@ -77,3 +82,52 @@ def test_torchrun_svd_w4_saves_a_packed_folder(torchrun_w4):
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+UNEVEN = {  # the reductions whose weights depend on each rank's share: sums, token counts, means
+    "svd_llm": {"ratio": 0.3},
+    "fwsvd": {"ratio": 0.3, "method": "fwsvd"},
+    "sensitivity": {
+        "ratio": 0.3,
+        "allocation": "sensitivity",
+        "sensitivity_batches": 8,
+        "sensitivity_ratios": [0.3, 0.6],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uneven")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "SVDLLM_TEST_SAMPLES": "7",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(ROOT / "tests" / "distributed_worker.py"), str(tiny_dir), str(out), json.dumps(UNEVEN)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"torchrun failed:\n{(done.stdout + done.stderr)[-4000:]}"
+    return out
+
+
+@pytest.mark.parametrize("case", list(UNEVEN))
+def test_uneven_split_saves_the_single_process_factors(uneven, tiny, calib, case):
+    from conftest import run_oneshot
+
+    seven = calib.select(range(7))
+    modifier = SVDLLMModifier(**UNEVEN[case])
+    run_oneshot(tiny, seven, modifier)
+    ranks = [torch.load(uneven / f"{case}-rank{r}.pt") for r in (0, 1)]
+    assert [r["samples"] for r in ranks] == [3, 4]
+    saved = load_pretrained(uneven / case)
+    single = {n: m.dense().detach() for n, m in tiny.named_modules() if isinstance(m, SVDLinear)}
+    got = {n: m.dense().detach() for n, m in saved.named_modules() if isinstance(m, SVDLinear)}
+    assert set(got) == set(single)
+    for name, W in single.items():
+        torch.testing.assert_close(got[name], W, rtol=1e-5, atol=1e-5 * W.abs().max().item())
+    for rank in ranks:
+        assert [(r["name"], r["rank"], r["tokens"]) for r in rank["records"]] == [
+            (r["name"], r["rank"], r["tokens"]) for r in modifier.records
+        ]
