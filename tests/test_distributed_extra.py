@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,3 +132,41 @@ def test_uneven_split_saves_the_single_process_factors(uneven, tiny, calib, case
         assert [(r["name"], r["rank"], r["tokens"]) for r in rank["records"]] == [
             (r["name"], r["rank"], r["tokens"]) for r in modifier.records
         ]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("fail", "decomposition failed on torchrun rank 1: .*ValueError: Cholesky failed"),
+        ("disagree", "different modules ready to decompose .*expert"),
+    ],
+)
+def test_a_failing_or_disagreeing_rank_is_an_error_on_every_rank(tmp_path, case, message):
+    """An exception on an owner rank, or a module ready on one rank only, used to leave the other
+    ranks waiting in a collective forever; now every rank raises the same one-line error."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(ROOT / "tests" / "distributed_jobs_worker.py"), case]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun {case}: the ranks hung")
+    results = [line.removeprefix("RESULT ") for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, stderr[-3000:]
+    for result in results:
+        assert re.search(message, result), result
