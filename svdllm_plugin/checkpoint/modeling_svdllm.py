@@ -14,8 +14,8 @@ by transformers' own compressed-tensors quantizer, which binds to the ``svd_u`` 
 Linears like to any other.
 
 This file imports only torch and transformers, so the folder loads where the plugin is not
-installed. A folder that lacks a tensor the structure needs is an error naming the tensors:
-nothing is silently initialised.
+installed. A folder that lacks a tensor the structure needs, or holds one it has no place for,
+is an error naming the tensors: nothing is silently initialised or dropped.
 
 Load-time inference options (``svdllm_runtime`` in config.json, or
 ``from_pretrained(..., svdllm_runtime={...})``) are applied by ``_apply_runtime_options`` after
@@ -212,12 +212,20 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
 
 
 def _check_complete(model, info: dict, folder) -> None:
-    """A tensor the structure needs but the folder lacks would be randomly initialised: refuse."""
+    """A tensor the structure needs but the folder lacks would be randomly initialised, and one it
+    has no place for (a stale dense ``q_proj.weight`` beside the factors) would be dropped: refuse
+    both, as the plugin's loader does."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ValueError(
             f"{folder} is incomplete: {len(missing)} tensors the factorized structure needs are not in the "
             f"checkpoint (e.g. {missing[:5]}); they would be randomly initialised"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        raise ValueError(
+            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
+            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
         )
 
 

@@ -386,11 +386,8 @@ class SVDLLMModifier(Modifier):
         self._rotate = quantized if self.rotation == "auto" else self.rotation == "random"
         self._achieved_ratio = removed_fraction(
             [(lin.out_features, lin.in_features) for _, lin in matched],
-            [self._layers[name].rank if name in self._layers else 0 for name, _ in matched],
+            [self._layers[name].rank if name in self._layers else None for name, _ in matched],
         )
-        self._achieved_ratio += sum(
-            lin.out_features * lin.in_features for name, lin in matched if name not in self._layers
-        ) / sum(lin.out_features * lin.in_features for _, lin in matched)  # dense: nothing removed
         logger.info(
             "SVDLLMModifier: {} Linears to factorize ({} kept dense), method={}, ratio={:.4f} "
             "(ranks remove {:.4f}), allocation={}, update={}",

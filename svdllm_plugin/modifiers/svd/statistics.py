@@ -25,9 +25,12 @@ class InputStatistics:
     C: torch.Tensor | None = None  # (n, n) float64: sum x_orig x^T, for the output-matching update
 
     @classmethod
-    def empty(cls, n: int, device) -> "InputStatistics":
+    def empty(cls, n: int, device, want: frozenset = frozenset({"H", "abs"})) -> "InputStatistics":
+        """Zeros to accumulate into; X X^T is (0, 0) unless ``want`` has "H" (the n x n float64
+        matrix is 1.4 GB for a 7B down_proj input, and svd / fwsvd / asvd never read it)."""
         zeros = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(n, n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros))
+        H = torch.zeros(n, n, **zeros) if "H" in want else torch.zeros(0, 0, **zeros)
+        return cls(H, torch.zeros(n, **zeros), torch.zeros(n, **zeros))
 
     def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
         """Accumulate only what the method reads: X X^T costs n/m times the layer's own matmul."""
@@ -93,7 +96,7 @@ class StatisticsCollector:
         lead = self.leader[module]
         if lead is module:
             if lead not in self.stats:
-                self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device)
+                self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device, self.want)
             self.stats[lead].add(x.detach(), self.want)
             if self.keep_inputs:  # one batch of one layer's inputs at a time: consumed by the pair
                 self.inputs[lead] = x.detach()
