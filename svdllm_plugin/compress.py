@@ -226,7 +226,7 @@ def compress(
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     recipe_text, modifiers = load_recipe(recipe)
 
-    from svdllm_plugin.modifiers.svd import distributed
+    from svdllm_plugin import distributed
 
     distributed.init_process_group()  # under torchrun: one process per device
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)

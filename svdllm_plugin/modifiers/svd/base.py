@@ -32,7 +32,8 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, replace_module
-from svdllm_plugin.modifiers.svd import distributed, passes
+from svdllm_plugin import distributed
+from svdllm_plugin.modifiers.svd import passes
 from svdllm_plugin.modifiers.svd.allocation import (
     Matrix,
     allocate_by_loss,
