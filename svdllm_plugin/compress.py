@@ -171,10 +171,7 @@ def single_pass(modifiers) -> bool:
     """
     from svdllm_plugin.modifiers.svd import SVDLLMModifier
 
-    return all(
-        isinstance(m, SVDLLMModifier) and m.activations == "original" and not m.closed_form_update
-        for m in modifiers
-    )
+    return all(isinstance(m, SVDLLMModifier) and not m.propagates for m in modifiers)
 
 
 def parameter_counts(model) -> tuple[int, int, int]:

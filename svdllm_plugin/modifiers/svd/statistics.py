@@ -75,10 +75,13 @@ class StatisticsCollector:
     keep_inputs: bool = False  # hold each group's last input (the original stream, for pairing)
     pair_with: "StatisticsCollector | None" = None  # its held inputs pair with ours into C
     inputs: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    only: set[nn.Module] | None = None  # an intra-layer replay collects one input group
     _last_input: torch.Tensor | None = None
     _last_module: nn.Module | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.only is not None and module not in self.only:
+            return
         x = args[0]
         if not torch.isfinite(x).all():
             raise ValueError(
