@@ -36,7 +36,7 @@ from svdllm_plugin.layers import SVDLinear, replace_module
 from svdllm_plugin.modifiers.svd import passes, ranks
 from svdllm_plugin.modifiers.svd.decompose import Factors
 from svdllm_plugin.modifiers.svd.fit import METHODS, UPDATES, Fit, row_scales
-from svdllm_plugin.modifiers.svd.intra import LayerInputs, groups_in_order, replay_groups
+from svdllm_plugin.modifiers.svd.intra import LayerInputs, groups_in_order, hold_layer_inputs, replay_groups
 from svdllm_plugin.modifiers.svd.options import SVDLLMOptions
 from svdllm_plugin.modifiers.svd.original import OriginalStream, carry_original, decoder_layers
 from svdllm_plugin.modifiers.svd.record import LayerRecord, log_summary
@@ -64,6 +64,12 @@ class SVDLLMModifier(SVDLLMOptions):
     _achieved_ratio: float = PrivateAttr(default=0.0)
     _fit: Fit = PrivateAttr(default_factory=Fit)  # the options the per-layer fit reads, resolved
     _objectives: dict[str, dict] = PrivateAttr(default_factory=dict)  # update objectives, for records
+
+    @property
+    def fit(self) -> Fit:
+        """The per-layer fit this modifier runs: its options, with ``sigma: auto`` and
+        ``rotation: auto`` resolved at initialize (read-only)."""
+        return self._fit
 
     @property
     def achieved_ratio(self) -> float:
@@ -129,15 +135,7 @@ class SVDLLMModifier(SVDLLMOptions):
                 self.register_hook,
             )
         if self.intra_layer:
-            layers = decoder_layers(state.model)
-            if not layers:
-                raise ValueError(
-                    "intra_layer reruns each decoder layer, but the model names none "
-                    "(model._no_split_modules); set `intra_layer: false`"
-                )
-            self._inputs = LayerInputs()
-            for layer in layers:
-                self.register_hook(layer, self._inputs.pre_hook, "forward_pre", with_kwargs=True)
+            self._inputs = hold_layer_inputs(decoder_layers(state.model), self.register_hook)
 
     def _observe(self, module: nn.Module, args: tuple) -> None:
         """Statistics hook: the original stream's rerun feeds the original-statistics collector."""

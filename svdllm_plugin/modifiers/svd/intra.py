@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["LayerInputs", "groups_in_order", "replay_groups"]
+__all__ = ["LayerInputs", "groups_in_order", "hold_layer_inputs", "replay_groups"]
 
 
 def _to(device: torch.device):
@@ -78,6 +78,20 @@ def groups_in_order(
         if name in ready:
             groups.setdefault(lead, []).append(name)
     return list(groups.values())
+
+
+def hold_layer_inputs(decoders: list[nn.Module], register: Callable) -> LayerInputs:
+    """A ``LayerInputs`` hooked on every decoder layer (``register(module, hook, "forward_pre",
+    with_kwargs=True)``); fails when the model names none."""
+    if not decoders:
+        raise ValueError(
+            "intra_layer reruns each decoder layer, but the model names none "
+            "(model._no_split_modules); set `intra_layer: false`"
+        )
+    inputs = LayerInputs()
+    for layer in decoders:
+        register(layer, inputs.pre_hook, "forward_pre", with_kwargs=True)
+    return inputs
 
 
 def replay_groups(
