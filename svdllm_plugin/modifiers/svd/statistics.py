@@ -7,11 +7,12 @@ sees the same tensor object for each of them within one forward, and groups them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["InputStatistics", "StatisticsCollector"]
+__all__ = ["InputStatistics", "StatisticsCollector", "STATISTICS"]
 
 
 @dataclass
@@ -32,11 +33,9 @@ class InputStatistics:
     def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
         """Accumulate only what the method reads: X X^T costs n/m times the layer's own matmul."""
         X = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
-        if "H" in want:  # in float64 per batch: a float32 X^T X loses digits before the sum
-            self.H.addmm_(X.T, X)
-        if "abs" in want:
-            self.abs_sum += X.abs().sum(0).to(torch.float64)
-            self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
+        for key, accumulate in STATISTICS.items():
+            if key in want:
+                accumulate(self, X)
         self.tokens += X.shape[0]
 
     def add_cross(self, x_original: torch.Tensor, x: torch.Tensor) -> None:
@@ -62,6 +61,19 @@ class InputStatistics:
         if self.C is None:
             raise RuntimeError("no cross statistics: this collector was not paired with the original stream")
         return self.C / max(self.tokens, 1)
+
+
+def _add_H(stats: InputStatistics, X: torch.Tensor) -> None:
+    stats.H.addmm_(X.T, X)  # in float64 per batch: a float32 X^T X loses digits before the sum
+
+
+def _add_abs(stats: InputStatistics, X: torch.Tensor) -> None:
+    stats.abs_sum += X.abs().sum(0).to(torch.float64)
+    stats.abs_max = torch.maximum(stats.abs_max, X.abs().amax(0).to(torch.float64))
+
+
+# what a method may read (``MethodSpec.statistics``): name -> how a batch X (tokens, n) is added
+STATISTICS: dict[str, Callable[[InputStatistics, torch.Tensor], None]] = {"H": _add_H, "abs": _add_abs}
 
 
 @dataclass
