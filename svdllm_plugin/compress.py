@@ -184,9 +184,11 @@ def parameter_counts(model) -> tuple[int, int, int]:
 
 
 def _check_counts(num_samples: int, seq_len: int, eval_windows: int | None) -> None:
-    for value, minimum, option in ((num_samples, 1, "--num-samples"), (seq_len, 2, "--seq-len")):
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+    from svdllm_plugin.data import check_seq_len
+
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"--num-samples must be an integer >= 1; got {num_samples!r}")
+    check_seq_len(seq_len)
     if eval_windows is not None and (not isinstance(eval_windows, int) or eval_windows < 0):
         raise ValueError(f"--eval-windows must be an integer >= 0 (0: skip); got {eval_windows!r}")
 

@@ -148,9 +148,9 @@ class SequentialLoRAModifier(Modifier):
     @field_validator("seq_len")
     @classmethod
     def _check_seq_len(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"`seq_len` must be at least 2 (one token predicts the next); got {value}")
-        return value
+        from svdllm_plugin.data import check_seq_len
+
+        return check_seq_len(value, option="SequentialLoRAModifier")
 
     @field_validator("eval_windows")
     @classmethod
