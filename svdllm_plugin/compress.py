@@ -176,9 +176,11 @@ def single_pass(modifiers) -> bool:
 
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
+    from svdllm_plugin.modifiers.svd.decompose import params_of
+
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
     before = sum(m.in_features * m.out_features for m in layers)
-    after = sum(m.rank * (m.in_features + m.out_features) for m in layers)
+    after = sum(params_of(m.out_features, m.in_features, m.rank) for m in layers)
     whole = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return before, after, whole
 
