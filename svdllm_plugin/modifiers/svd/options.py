@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from llmcompressor.modifiers import Modifier
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from svdllm_plugin.modifiers.checks import Modules, PositiveInt
 from svdllm_plugin.modifiers.svd.fit import METHODS, UPDATES
 
 __all__ = ["SVDLLMOptions", "Method", "Update", "Allocation"]
@@ -19,10 +20,6 @@ __all__ = ["SVDLLMOptions", "Method", "Update", "Allocation"]
 Method = Literal["svd_llm", "svd_llm_v2", "svd", "asvd", "fwsvd"]
 Update = Literal["none", "input", "output", "output_u"]
 Allocation = Literal["uniform", "loss", "v2", "global", "sensitivity"]
-
-
-def _as_list(value):
-    return [value] if isinstance(value, str) else value
 
 
 def _ratio(value: float) -> float:
@@ -53,18 +50,10 @@ def _candidates(value: list[float]) -> list[float]:
     return sorted(value)
 
 
-def _positive(value: int, info: ValidationInfo) -> int:
-    if value < 1:
-        raise ValueError(f"`{info.field_name}` must be a positive integer; got {value}")
-    return value
-
-
-Modules = Annotated[list[str], BeforeValidator(_as_list)]  # one pattern or a list
 Ratio = Annotated[float, AfterValidator(_ratio)]
 ModelRatio = Annotated[float, AfterValidator(_model_ratio)]
 Overrides = Annotated[dict[str, float], AfterValidator(_overrides)]
 Candidates = Annotated[list[float], AfterValidator(_candidates)]
-Positive = Annotated[int, AfterValidator(_positive)]
 
 
 class SVDLLMOptions(Modifier):
@@ -140,7 +129,7 @@ class SVDLLMOptions(Modifier):
     overrides: Overrides = Field(default_factory=dict)
     method: Method = "svd_llm"
     whitening: Literal["cholesky", "eigh"] = "cholesky"
-    rank_multiple: Positive = 1
+    rank_multiple: PositiveInt = 1
     sigma: Literal["auto", "split", "u", "v"] = "auto"
     rotation: Literal["auto", "none", "random"] = "auto"
     activations: Literal["original", "propagated"] = "original"
@@ -153,9 +142,9 @@ class SVDLLMOptions(Modifier):
     update_damp: float = 1e-6
     intra_layer: bool = False
     closed_form_update: bool = False
-    fisher_batches: Positive = 8
+    fisher_batches: PositiveInt = 8
     sensitivity_ratios: Candidates = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    sensitivity_batches: Positive = 2
+    sensitivity_batches: PositiveInt = 2
 
     @model_validator(mode="after")
     def _check_combination(self):
