@@ -166,25 +166,26 @@ def single_pass(modifiers) -> bool:
     """
     from svdllm_plugin.modifiers.svd import SVDLLMModifier
 
-    return all(
-        isinstance(m, SVDLLMModifier) and m.activations == "original" and not m.closed_form_update
-        for m in modifiers
-    )
+    return all(isinstance(m, SVDLLMModifier) and not m.propagates for m in modifiers)
 
 
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
+    from svdllm_plugin.modifiers.svd.decompose import params_of
+
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
     before = sum(m.in_features * m.out_features for m in layers)
-    after = sum(m.rank * (m.in_features + m.out_features) for m in layers)
+    after = sum(params_of(m.out_features, m.in_features, m.rank) for m in layers)
     whole = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return before, after, whole
 
 
 def _check_counts(num_samples: int, seq_len: int, eval_windows: int | None) -> None:
-    for value, minimum, option in ((num_samples, 1, "--num-samples"), (seq_len, 2, "--seq-len")):
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+    from svdllm_plugin.data import check_seq_len
+
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"--num-samples must be an integer >= 1; got {num_samples!r}")
+    check_seq_len(seq_len)
     if eval_windows is not None and (not isinstance(eval_windows, int) or eval_windows < 0):
         raise ValueError(f"--eval-windows must be an integer >= 0 (0: skip); got {eval_windows!r}")
 
@@ -223,7 +224,7 @@ def compress(
     check_seq_len(path, seq_len)
     recipe_text, modifiers = load_recipe(recipe)
 
-    from svdllm_plugin.modifiers.svd import distributed
+    from svdllm_plugin import distributed
 
     distributed.init_process_group()  # under torchrun: one process per device
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)

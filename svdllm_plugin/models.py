@@ -153,13 +153,22 @@ def _read_config(path: str) -> dict:
     return config
 
 
+def _record(config: dict) -> dict:
+    """config.json's record of a compressed folder (``checkpoint/format.py``), or {}."""
+    from svdllm_plugin.checkpoint.format import CONFIG_KEY
+
+    return config.get(CONFIG_KEY) or {}
+
+
 def _check_causal_lm(name: str, config: dict) -> None:
     """Refuse what is not a decoder-only causal LM (an encoder such as BERT, an encoder-decoder)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
 
+    from svdllm_plugin.checkpoint.format import MODEL_TYPE
+
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    record = config.get("svdllm") or {}
-    if model_type == "svdllm" and record.get("base_model_type"):  # a compressed folder: judge its base
+    record = _record(config)
+    if model_type == MODEL_TYPE and record.get("base_model_type"):  # a compressed folder: judge its base
         model_type, architectures = record["base_model_type"], record.get("base_architectures") or []
     causal_classes = set(causal.values())
     what = f"model {name} (model_type {model_type!r}, architectures {architectures})"
@@ -255,7 +264,7 @@ def check_model(model: str) -> str:
                 f"model folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
                 "base model's tokenizer into it (tokenizer.save_pretrained(folder))"
             )
-    ranks = (config.get("svdllm") or {}).get("ranks")
+    ranks = _record(config).get("ranks")
     if ranks:
         if not isinstance(ranks, dict):
             raise ValueError(

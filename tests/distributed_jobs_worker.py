@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from svdllm_plugin.modifiers.svd import distributed
+from svdllm_plugin import distributed
 from svdllm_plugin.modifiers.svd.decompose import Factors
 from svdllm_plugin.modifiers.svd.statistics import InputStatistics
 

@@ -22,10 +22,11 @@ def main(model_dir: str, out_dir: str, cases: dict[str, dict]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import svdllm_plugin  # noqa: F401
+    from svdllm_plugin import distributed
     from svdllm_plugin.checkpoint import save_pretrained
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.layers import SVDLinear
-    from svdllm_plugin.modifiers.svd import SVDLLMModifier, distributed
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
 
     assert distributed.init_process_group() and distributed.is_distributed()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -18,9 +18,8 @@ TEXT = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
 
 
 def blocks(language: str) -> list[str]:
-    return [
-        code for text in TEXT.values() for code in re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
-    ]
+    pattern = rf"^```{language}\n(.*?)^```"
+    return [code for text in TEXT.values() for code in re.findall(pattern, text, flags=re.S | re.M)]
 
 
 PYTHON, YAML, BASH = blocks("python"), blocks("yaml"), blocks("bash")

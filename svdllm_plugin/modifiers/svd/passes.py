@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
-from svdllm_plugin.modifiers.svd import distributed, fisher
+from svdllm_plugin import distributed
+from svdllm_plugin.modifiers.svd import fisher
 from svdllm_plugin.modifiers.svd.original import decoder_layers
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
