@@ -1,0 +1,385 @@
+"""`svdllm bench --synthetic`: dense against factorized at several ratios, per decode regime.
+
+Regimes (``--decode``), each timed with the dense model in the same regime, alternating
+models round by round in one process (medians):
+
+- ``eager``: transformers' forward, DynamicCache (what ``generate`` does by default);
+- ``graph``: static KV cache + the one-token step compiled (CUDA graphs on a GPU), see
+  ``inference/graph.py``; the dense model decodes the same way;
+- ``graph-fused``: ``graph`` after fusing the shared-input q/k/v and gate/up GEMMs (the dense
+  model's too);
+- ``graph-kernel``: ``graph`` with the one-launch low-rank Triton kernel (CUDA only; skipped
+  elsewhere);
+- ``latent``: eager decode with the latent KV cache (cache svd_v(x) of k/v; dense: eager).
+
+Each row: ``ratio`` (0 for the dense model), ``regime``, ``batch``, ``context``,
+``ms_per_token``, ``time_vs_dense`` (same regime), ``time_vs_dense_best`` (against the dense
+model's fastest regime at that batch and context), ``param_ratio`` (decoder-layer parameters
+against dense: the weight-read limit on any hardware), on CUDA ``floor_ms`` (weights + KV cache
+bytes read per step / measured copy bandwidth), and for every regime but ``eager``
+``same_tokens`` (its greedy tokens equal the eager ones of the same model). Prefill rows
+(regime ``prefill``) time one eager forward of batch x length.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+
+from svdllm_plugin.bench import _alternate, _device_name, _timer
+
+__all__ = ["REGIMES", "add_arguments", "run_synthetic", "format_rows", "plot_rows"]
+
+REGIMES = ("eager", "graph", "graph-fused", "graph-kernel", "latent")
+# the choices of bench_synthetic.DTYPES and inference.graph.COMPILE_BACKENDS, named here so that
+# `svdllm --help` does not import torch
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def add_arguments(b) -> None:
+    """The ``--synthetic`` options of ``svdllm bench``."""
+    b.add_argument("--synthetic", default=None, metavar="NAME_OR_CONFIG",
+                   help="random weights at a named shape (llama-7b, llama-13b, smollm2-135m) or an HF "
+                   "config.json, dense against factorized at --ratios (no MODEL then)")  # fmt: skip
+    b.add_argument("--ratios", default="0.2,0.4,0.6", help="--synthetic: fractions of parameters removed")
+    b.add_argument("--layers", type=int, default=None, help="--synthetic: decoder layers (default: the shape's)")
+    b.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="--synthetic: weight dtype (default: bf16 on CUDA, fp32 on the CPU)")  # fmt: skip
+    b.add_argument("--decode", default="eager,graph", help=f"--synthetic: decode regimes, of {', '.join(REGIMES)}")
+    b.add_argument("--batches", default="1", help="--synthetic: decode batch sizes (e.g. 1,16)")
+    b.add_argument("--rank-multiple", type=int, default=64, help="--synthetic: ranks are multiples of this")
+    b.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                   help="torch.compile backend of the graph regimes (eager/aot_eager: trace only, quick)")  # fmt: skip
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise ValueError(f"--ratios takes fractions in (0, 1) separated by commas, e.g. 0.2,0.4; got {text!r}")
+    return values
+
+
+def _regimes(text: str) -> list[str]:
+    regimes = [r for r in text.split(",") if r]
+    unknown = [r for r in regimes if r not in REGIMES]
+    if not regimes or unknown:
+        raise ValueError(f"--decode takes regimes of {', '.join(REGIMES)} separated by commas; got {text!r}")
+    return regimes
+
+
+def _bandwidth(device) -> float | None:
+    """Device-memory copy bandwidth in bytes/s (read + write of 1 GiB, median of 5); None on the CPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    timed = _timer(str(device))
+    times = [timed(lambda: y.copy_(x)) for _ in range(6)][1:]
+    return 2 * x.numel() / statistics.median(times)
+
+
+def _read_bytes(model) -> int:
+    """Weight bytes one decode step reads: the decoder layers, the final norm and the LM head."""
+    parts = [model.get_decoder().layers, model.get_decoder().norm, model.get_output_embeddings()]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def _without_compiled(model):
+    """A deep copy (torch.compile's wrapper cached on the model is not copyable)."""
+    saved = {k: model.__dict__.pop(k) for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__}
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.__dict__.update(saved)
+
+
+def _for_regime(model, regime: str, factorized: bool):
+    """(model to decode with, regime of GraphDecoder, cache factory) for ``regime``."""
+    if regime in ("eager", "graph") or (regime == "latent" and not factorized):
+        return model, ("eager" if regime == "latent" else regime), None
+    clone = _without_compiled(model)
+    if regime == "graph-fused":
+        from svdllm_plugin.inference.fused import fuse_shared_inputs
+
+        return fuse_shared_inputs(clone, dense_groups=True), "graph", None
+    if regime == "graph-kernel":
+        from svdllm_plugin.inference.triton_lowrank import enable_lowrank_kernel
+
+        enable_lowrank_kernel(clone)
+        return clone, "graph", None
+    from svdllm_plugin.inference.latent_cache import enable_latent_kv_cache
+
+    _, make_cache = enable_latent_kv_cache(clone, patch_generate=False)
+    return clone, "eager", make_cache
+
+
+def _check(args, config, device) -> tuple:
+    ratios, regimes = _floats(args.ratios), _regimes(args.decode)
+    from svdllm_plugin.bench import _ints, _shapes
+
+    batches, contexts = _ints(args.batches, "--batches"), _ints(args.contexts, "--contexts")
+    shapes = _shapes(args.prefill) if args.prefill else []
+    if args.rank_multiple < 1:
+        raise ValueError(f"--rank-multiple must be a positive integer; got {args.rank_multiple}")
+    if "graph-kernel" in regimes:
+        import torch
+
+        from svdllm_plugin.inference.triton_lowrank import available
+
+        if not (available() and torch.device(device).type == "cuda"):
+            print("graph-kernel skipped: it needs CUDA and Triton", file=sys.stderr)
+            regimes.remove("graph-kernel")
+    return ratios, regimes, batches, contexts, shapes
+
+
+def run_synthetic(args, device: str) -> str:
+    """Build, measure, and return the table (or one JSON line with ``--json``)."""
+    import torch
+
+    from svdllm_plugin.bench_synthetic import DTYPES, build_dense, decoder_parameters, factorize_uniform
+    from svdllm_plugin.bench_synthetic import synthetic_config
+
+    config = synthetic_config(args.synthetic, args.layers)
+    ratios, regimes, batches, contexts, shapes = _check(args, config, device)
+    # random weights: RoPE runs at any length, so long-context runs need no real long-context model
+    longest = max(contexts + [length for _, length in shapes]) + args.decode_tokens + 1
+    config.max_position_embeddings = max(config.max_position_embeddings, longest)
+    dtype = DTYPES[args.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")]
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"building {args.synthetic} ({config.num_hidden_layers} layers, {dtype}) on {device} ...")
+    dense = build_dense(config, dtype, device)
+    models, ranks = [(0.0, dense)], {}
+    for ratio in ratios:
+        model = _without_compiled(dense)
+        chosen = factorize_uniform(model, ratio, args.rank_multiple)
+        ranks[str(ratio)] = {"factorized": len(chosen), "ranks": sorted(set(chosen.values()))}
+        models.append((ratio, model))
+    results = {
+        "synthetic": args.synthetic,
+        "layers": config.num_hidden_layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": _device_name(device),
+        "repeats": args.repeats,
+        "decode_tokens": args.decode_tokens,
+        "compile_backend": args.compile_backend,
+        "ranks": ranks,
+        "bandwidth_gb_s": None,
+        "rows": [],
+    }
+    bandwidth = _bandwidth(device)
+    results["bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
+    params = [decoder_parameters(m) for _, m in models]
+    with torch.inference_mode():
+        timed = _timer(device)
+        generator = torch.Generator().manual_seed(0)
+        vocab = config.vocab_size
+        for batch, length in shapes:
+            ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
+            log(f"prefill {batch}x{length} ...")
+            fns = [lambda m=m: m(ids, use_cache=True, logits_to_keep=1) for _, m in models]
+            stats = _alternate(models, fns, timed, args.repeats, args.warmup)
+            for (ratio, _), s, p in zip(models, stats, params):
+                results["rows"].append(_row(ratio, "prefill", batch, length, s["median_s"] * 1e3,
+                                            stats[0]["median_s"] * 1e3, p / params[0], s))  # fmt: skip
+        for batch in batches:
+            for context in contexts:
+                ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
+                results["rows"] += _decode_rows(models, regimes, ids, args, timed, params, bandwidth, log)
+    _add_best(results["rows"])
+    if args.plot:
+        plot_rows(results, args.plot)
+        log(f"plot written to {args.plot}")
+    return json.dumps(results) if args.json else format_rows(results)
+
+
+def _row(ratio, regime, batch, context, ms, dense_ms, param_ratio, stats) -> dict:
+    return {
+        "ratio": ratio,
+        "regime": regime,
+        "batch": batch,
+        "context": context,
+        "ms_per_token" if regime != "prefill" else "ms": ms,
+        "time_vs_dense": ms / dense_ms,
+        "param_ratio": param_ratio,
+        "spread": (stats["max_s"] - stats["min_s"]) / stats["median_s"],
+    }
+
+
+def _decode_rows(models, regimes, ids, args, timed, params, bandwidth, log) -> list[dict]:
+    import torch
+
+    from svdllm_plugin.inference.graph import GraphDecoder
+
+    batch, context = ids.shape
+    n = args.decode_tokens
+    reference = {}  # ratio -> eager greedy tokens (batch, n + 1)
+    rows = []
+    for regime in regimes:
+        log(f"decode {regime}, batch {batch}, context {context}: {n} tokens x {args.warmup + args.repeats} rounds ...")
+        decoders, firsts, tokens = [], [], []
+        for ratio, model in models:
+            target, kind, make_cache = _for_regime(model, regime, ratio > 0)
+            decoder = GraphDecoder(target, context + n + 1, kind, args.compile_backend, make_cache)
+            first = decoder.prefill(ids)
+            tokens.append(torch.cat([first, decoder.decode(first, n)], dim=1))  # compiles, warms up
+            decoders.append(decoder)
+            firsts.append(first)
+            if ratio not in reference:
+                ref = tokens[-1] if regime == "eager" else _eager_tokens(model, ids, n)
+                reference[ratio] = ref
+        fns = [_decode_fn(d, f, context, n) for d, f in zip(decoders, firsts)]
+        stats = _alternate(decoders, fns, timed, args.repeats, args.warmup)
+        dense_ms = stats[0]["median_s"] * 1e3 / n
+        floor_dense = None
+        for (ratio, _), d, s, p, tok in zip(models, decoders, stats, params, tokens):
+            row = _row(ratio, regime, batch, context, s["median_s"] * 1e3 / n, dense_ms, p / params[0], s)
+            if regime != "eager":
+                row["same_tokens"] = bool(torch.equal(tok, reference[ratio]))
+            if bandwidth:
+                from svdllm_plugin.inference import cache_nbytes
+
+                kv = cache_nbytes(d.cache) * context / max(d.cache.get_seq_length(), 1) if regime == "latent" else None
+                read = _read_bytes(d.model) + (kv if kv is not None else _kv_bytes(d.model, batch, context))
+                row["floor_ms"] = read / bandwidth * 1e3
+                floor_dense = floor_dense or row["floor_ms"]
+                row["floor_vs_dense"] = row["floor_ms"] / floor_dense
+            rows.append(row)
+        del decoders
+    return rows
+
+
+def _kv_bytes(model, batch: int, context: int) -> int:
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * element * batch * context
+
+
+def _eager_tokens(model, ids, n: int):
+    import torch
+
+    from svdllm_plugin.inference.graph import GraphDecoder
+
+    decoder = GraphDecoder(model, ids.shape[1] + n + 1, "eager")
+    first = decoder.prefill(ids)
+    return torch.cat([first, decoder.decode(first, n)], dim=1)
+
+
+def _decode_fn(decoder, first, context: int, n: int):
+    def steps():
+        decoder.rewind(context)
+        decoder.decode(first, n)
+
+    return steps
+
+
+def _add_best(rows: list[dict]) -> None:
+    """time_vs_dense_best: against the dense model's fastest decode regime at the same batch and context."""
+    best = {}
+    for r in rows:
+        if r["ratio"] == 0.0 and r["regime"] not in ("prefill", "latent"):  # dense "latent" is eager again
+            key = (r["batch"], r["context"])
+            best[key] = min(best.get(key, float("inf")), r["ms_per_token"])
+    for r in rows:
+        if r["regime"] != "prefill":
+            r["time_vs_dense_best"] = r["ms_per_token"] / best[(r["batch"], r["context"])]
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def _cell(row: dict) -> str:
+    text = f"{row['time_vs_dense']:.2f}"
+    if row.get("same_tokens") is False:
+        text += " (tokens differ)"
+    return text
+
+
+def format_rows(results: dict) -> str:
+    """One markdown table: time factorized / dense per regime, batch and context; limits beside."""
+    rows = results["rows"]
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] > 0})
+    floor = any("floor_ms" in r for r in rows)
+    lines = [
+        f"{results['synthetic']} ({results['layers']} layers, {results['dtype']}, random weights) on "
+        f"{results['device']}; medians of {results['repeats']} alternating runs, "
+        f"{results['decode_tokens']} tokens per decode run; time factorized / dense (below 1: faster)",
+        "",
+        "| regime | batch | context | dense ms | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(ratios),
+    ]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["regime"], r["batch"], r["context"]), {})[r["ratio"]] = r
+    for (regime, batch, context), by_ratio in groups.items():
+        dense = by_ratio[0.0]
+        ms = dense.get("ms_per_token", dense.get("ms"))
+        cells = [_cell(by_ratio[r]) if r in by_ratio else "-" for r in ratios]
+        lines.append(f"| {regime} | {batch} | {context} | {ms:.2f} | " + " | ".join(cells) + " |")
+    any_row = {r["ratio"]: r for r in rows}
+    lines.append(
+        "| decoder-layer parameters (weight-read limit) | | | | "
+        + " | ".join(f"{any_row[r]['param_ratio']:.2f}" for r in ratios)
+        + " |"
+    )
+    if floor:
+        for (regime, batch, context), by_ratio in groups.items():
+            if regime in ("eager", "latent") and "floor_ms" in by_ratio[0.0]:
+                lines.append(
+                    f"| bytes-read floor ({'latent KV' if regime == 'latent' else 'KV'}) | {batch} | {context} | "
+                    f"{by_ratio[0.0]['floor_ms']:.2f} | "
+                    + " | ".join(f"{by_ratio[r]['floor_vs_dense']:.2f}" if r in by_ratio else "-" for r in ratios)
+                    + " |"
+                )
+    best = [r for r in rows if r.get("time_vs_dense_best") is not None and r["ratio"] > 0]
+    if best:
+        lines.append("")
+        lines.append("best regime of each model against the dense model's best (ms per token):")
+        for batch, context in sorted({(r["batch"], r["context"]) for r in best}):
+            at = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["regime"] != "prefill"]
+            parts = []
+            for ratio in [0.0, *ratios]:
+                mine = min((r for r in at if r["ratio"] == ratio), key=lambda r: r["ms_per_token"])
+                parts.append(f"{ratio:g}: {mine['regime']} {mine['ms_per_token']:.2f} ({mine['time_vs_dense_best']:.2f})")
+            lines.append(f"- batch {batch}, context {context}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def plot_rows(results: dict, path: str) -> None:
+    """Bars: time factorized / dense per regime (batch and context), the parameter ratio as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["ratio"] > 0]
+    ratios = sorted({r["ratio"] for r in rows})
+    keys = list(dict.fromkeys((r["regime"], r["batch"], r["context"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys) + 2), 4.2))
+    width = 0.8 / len(ratios)
+    for i, ratio in enumerate(ratios):
+        values = [
+            next((r["time_vs_dense"] for r in rows if (r["regime"], r["batch"], r["context"]) == k and r["ratio"] == ratio), 0)
+            for k in keys
+        ]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, label=f"ratio {ratio:g}", color=f"C{i}")
+        param = next(r["param_ratio"] for r in rows if r["ratio"] == ratio)
+        ax.axhline(param, color=f"C{i}", linestyle=":", linewidth=1)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    labels = [f"{reg}\nb{b} @{c}" for reg, b, c in keys]
+    ax.set_xticks([x + width * (len(ratios) - 1) / 2 for x in range(len(keys))], labels, fontsize=8)
+    ax.set(ylabel="time factorized / dense", title="dotted: decoder-layer parameter ratio (weight-read limit)")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{results['synthetic']} ({results['layers']} layers, {results['dtype']}) on {results['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""Graph-captured decode: a static KV cache and a compiled one-token step (CUDA graphs on a GPU).
+
+Eager decode of a factorized model is bound by kernel launches and Python, not by the bytes
+it reads: factorization doubles the number of GEMMs, so on a GPU it decodes slower than the
+dense model although it reads fewer weights. Capturing the whole one-token step removes the
+per-launch cost. This is what gpt-fast does and what transformers' own ``generate`` does with
+``cache_implementation="static"`` and a ``CompileConfig``:
+
+- the KV cache is a :class:`transformers.StaticCache` (preallocated, updated in place, so
+  every step has the same shapes and the same tensor addresses);
+- prefill runs eagerly (its shapes vary); the one-token step runs through
+  ``model.get_compiled_call(config)``, i.e. ``torch.compile`` with ``mode="reduce-overhead"``
+  on CUDA (inductor + CUDA graphs) and inductor's default mode on the CPU.
+
+:class:`GraphDecoder` is the loop the benchmark times; :func:`enable_graph_decode` makes
+``model.generate`` use the same path by default (a load-time option of compressed folders).
+Only torch and transformers are imported: the file is copied into checkpoint folders.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, StaticCache
+from transformers.generation.configuration_utils import CompileConfig
+
+__all__ = [
+    "DECODE_REGIMES",
+    "COMPILE_BACKENDS",
+    "compile_config",
+    "GraphDecoder",
+    "greedy_tokens",
+    "enable_graph_decode",
+]
+
+DECODE_REGIMES = ("eager", "graph")
+# inductor: the fast one; "eager"/"aot_eager" trace the same graph without code generation
+# (seconds instead of a minute to compile on a small CPU: what tests use)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def compile_config(device: torch.device | str, backend: str = "inductor") -> CompileConfig:
+    """``torch.compile`` settings for the one-token step on ``device``.
+
+    One static graph (``fullgraph``, ``dynamic=False``): a graph break or a recompilation
+    would bring back the launch overhead this path exists to remove. CUDA graphs
+    (``reduce-overhead``) only with inductor on CUDA.
+    """
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}; got {backend!r}")
+    cuda = torch.device(device).type == "cuda"
+    mode = "reduce-overhead" if cuda and backend == "inductor" else None
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=mode)
+    config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+    return config
+
+
+def _rewind(cache: StaticCache, length: int) -> None:
+    """Make the cache hold its first ``length`` positions again (later ones are overwritten)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.cumulative_length.fill_(length)  # in place: its address is baked into the graph
+
+
+class GraphDecoder:
+    """Greedy decode with a static cache; the one-token step compiled (``regime="graph"``) or not.
+
+    ``regime="eager"`` runs the same loop uncompiled with transformers' DynamicCache (what
+    ``generate`` does by default), or the cache ``make_cache()`` returns: the reference for
+    tokens and for time.
+
+        decoder = GraphDecoder(model, max_length=prompt + new, regime="graph")
+        first = decoder.prefill(input_ids)        # (batch, 1)
+        tokens = decoder.decode(first, new - 1)   # (batch, new - 1)
+        decoder.rewind(prompt)                    # time the same decode again
+    """
+
+    def __init__(
+        self, model: nn.Module, max_length: int, regime: str = "graph", backend: str = "inductor", make_cache=None
+    ):
+        if regime not in DECODE_REGIMES:
+            raise ValueError(f"decode regime must be one of {DECODE_REGIMES}; got {regime!r}")
+        if make_cache is not None and regime != "eager":
+            raise ValueError("make_cache is for the eager regime: the graph regime needs its StaticCache")
+        self.model, self.max_length, self.regime = model, max_length, regime
+        device = next(model.parameters()).device
+        self.step = model.get_compiled_call(compile_config(device, backend)) if regime == "graph" else model
+        self.make_cache = make_cache  # eager only: e.g. the latent KV cache's factory
+        self.cache = None
+        self.length = 0
+
+    def _new_cache(self):
+        if self.make_cache is not None:
+            return self.make_cache()
+        if self.regime == "eager":
+            return DynamicCache()
+        return StaticCache(config=self.model.config, max_cache_len=self.max_length)
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fill a fresh cache with the prompt (eagerly); the greedy next token (batch, 1)."""
+        if input_ids.shape[1] >= self.max_length:
+            raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_length={self.max_length}")
+        self.cache = self._new_cache()
+        out = self.model(input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.length = input_ids.shape[1]
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode(self, token: torch.Tensor, steps: int) -> torch.Tensor:
+        """Feed ``token`` (batch, 1) and ``steps - 1`` greedy successors; the ``steps`` next tokens."""
+        if self.length + steps > self.max_length:
+            raise ValueError(f"{steps} more tokens exceed max_length={self.max_length} (at {self.length})")
+        tokens = []
+        for _ in range(steps):
+            out = self.step(input_ids=token, past_key_values=self.cache, use_cache=True)
+            # clone: with CUDA graphs the logits live in a buffer the next replay overwrites
+            token = out.logits[:, -1].argmax(-1, keepdim=True).clone()
+            tokens.append(token)
+        self.length += steps
+        return torch.cat(tokens, dim=1)
+
+    def rewind(self, length: int) -> None:
+        """Back to the first ``length`` cached positions (to time the same decode again)."""
+        if self.make_cache is not None or self.regime == "eager":
+            self.cache.crop(length - self.cache.get_seq_length())  # negative: drop the tail
+        else:
+            _rewind(self.cache, length)
+        self.length = length
+
+
+@torch.inference_mode()
+def greedy_tokens(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, regime: str = "graph", backend: str = "inductor"
+) -> torch.Tensor:
+    """The ``new_tokens`` greedy continuation (batch, new_tokens) through ``regime``."""
+    decoder = GraphDecoder(model, input_ids.shape[1] + new_tokens, regime, backend)
+    first = decoder.prefill(input_ids)
+    if new_tokens == 1:
+        return first
+    return torch.cat([first, decoder.decode(first, new_tokens - 1)], dim=1)
+
+
+def enable_graph_decode(model: nn.Module, backend: str = "inductor", device=None) -> nn.Module:
+    """Make ``model.generate`` decode with a static cache and the compiled step; returns ``model``.
+
+    Sets ``generation_config.cache_implementation = "static"`` and its ``compile_config``
+    (transformers then compiles the decoding forward itself). A ``past_key_values`` passed to
+    ``generate`` (e.g. the latent KV cache) still wins: that cache is not static, so it decodes
+    eagerly. ``device`` picks the compile mode (default: CUDA when available, since a folder
+    is often loaded on the CPU and moved afterwards).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = compile_config(device, backend)
+    return model
