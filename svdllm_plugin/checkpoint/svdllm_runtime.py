@@ -31,9 +31,24 @@ def _latent_kv_cache(model, value):
     return enable_latent_kv_cache(model)[0] if value else model
 
 
+def _decode(model, value):
+    """``decode: graph``: generate decodes with a static KV cache and a compiled step (CUDA graphs
+    on a GPU); ``decode: eager`` leaves transformers' default."""
+    if value not in ("eager", "graph"):
+        raise ValueError(f"svdllm_runtime option decode must be 'eager' or 'graph'; got {value!r}")
+    if value == "eager":
+        return model
+    try:  # in a compressed folder: the copy written beside this file
+        from .svdllm_graph import enable_graph_decode
+    except ImportError:  # inside the plugin package
+        from svdllm_plugin.inference.graph import enable_graph_decode
+    return enable_graph_decode(model)
+
+
 OPTIONS: dict = {  # option name -> function(model, value) -> model
     "fuse": _fuse,
     "latent_kv_cache": _latent_kv_cache,
+    "decode": _decode,
 }
 
 

@@ -121,7 +121,9 @@ class GraphDecoder:
     def rewind(self, length: int) -> None:
         """Back to the first ``length`` cached positions (to time the same decode again)."""
         if self.make_cache is not None or self.regime == "eager":
-            self.cache.crop(length - self.cache.get_seq_length())  # negative: drop the tail
+            extra = self.cache.get_seq_length() - length
+            if extra > 0:
+                self.cache.crop(-extra)  # a negative crop drops the last positions
         else:
             _rewind(self.cache, length)
         self.length = length
