@@ -36,7 +36,7 @@ REGIMES = ("eager", "graph", "graph-fused", "graph-kernel", "latent")
 # the choices of bench_synthetic.DTYPES and inference.graph.COMPILE_BACKENDS, named here so that
 # `svdllm --help` does not import torch
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraph")
 
 
 def add_arguments(b) -> None:
@@ -52,7 +52,8 @@ def add_arguments(b) -> None:
     b.add_argument("--batches", default="1", help="--synthetic: decode batch sizes (e.g. 1,16)")
     b.add_argument("--rank-multiple", type=int, default=64, help="--synthetic: ranks are multiples of this")
     b.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                   help="torch.compile backend of the graph regimes (eager/aot_eager: trace only, quick)")  # fmt: skip
+                   help="torch.compile backend of the graph regimes (eager/aot_eager: trace only, quick; "
+                   "cudagraph: no compiler, the eager step captured by hand, CUDA only)")  # fmt: skip
 
 
 def _floats(text: str) -> list[float]:
@@ -129,9 +130,11 @@ def _check(args, config, device) -> tuple:
     shapes = _shapes(args.prefill) if args.prefill else []
     if args.rank_multiple < 1:
         raise ValueError(f"--rank-multiple must be a positive integer; got {args.rank_multiple}")
-    if "graph-kernel" in regimes:
-        import torch
+    import torch
 
+    if args.compile_backend == "cudagraph" and torch.device(device).type != "cuda":
+        raise ValueError("--compile-backend cudagraph captures CUDA graphs: use --device cuda, or inductor")
+    if "graph-kernel" in regimes:
         from svdllm_plugin.inference.triton_lowrank import available
 
         if not (available() and torch.device(device).type == "cuda"):

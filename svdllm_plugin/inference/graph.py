@@ -35,8 +35,9 @@ __all__ = [
 
 DECODE_REGIMES = ("eager", "graph")
 # inductor: the fast one; "eager"/"aot_eager" trace the same graph without code generation
-# (seconds instead of a minute to compile on a small CPU: what tests use)
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# (seconds instead of a minute to compile on a small CPU: what tests use); "cudagraph": no
+# compiler, the eager step captured by hand in one CUDA graph (CUDA only; no compile time)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraph")
 
 
 def compile_config(device: torch.device | str, backend: str = "inductor") -> CompileConfig:
@@ -46,8 +47,8 @@ def compile_config(device: torch.device | str, backend: str = "inductor") -> Com
     would bring back the launch overhead this path exists to remove. CUDA graphs
     (``reduce-overhead``) only with inductor on CUDA.
     """
-    if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS}; got {backend!r}")
+    if backend not in COMPILE_BACKENDS or backend == "cudagraph":
+        raise ValueError(f"compile backend must be one of {COMPILE_BACKENDS[:3]}; got {backend!r}")
     cuda = torch.device(device).type == "cuda"
     mode = "reduce-overhead" if cuda and backend == "inductor" else None
     config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=mode)
@@ -84,7 +85,14 @@ class GraphDecoder:
             raise ValueError("make_cache is for the eager regime: the graph regime needs its StaticCache")
         self.model, self.max_length, self.regime = model, max_length, regime
         device = next(model.parameters()).device
-        self.step = model.get_compiled_call(compile_config(device, backend)) if regime == "graph" else model
+        if regime == "eager":
+            self.step = model
+        elif backend == "cudagraph":
+            if device.type != "cuda":
+                raise ValueError("the cudagraph backend needs a model on a CUDA device; use inductor elsewhere")
+            self.step = _CapturedStep(model)
+        else:
+            self.step = model.get_compiled_call(compile_config(device, backend))
         self.make_cache = make_cache  # eager only: e.g. the latent KV cache's factory
         self.cache = None
         self.length = 0
@@ -127,6 +135,39 @@ class GraphDecoder:
         else:
             _rewind(self.cache, length)
         self.length = length
+
+
+class _CapturedStep:
+    """The eager one-token step recorded once in a CUDA graph, then replayed (no compiler).
+
+    Capture records kernels without running them; the warm-up step before it does run, so the
+    cache's lengths are put back after it. Inputs are copied into the captured buffer; the
+    logits come back in the graph's own output buffer (the caller clones what it keeps).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.graph, self.cache = model, None, None
+
+    def _capture(self, input_ids, cache):
+        self.ids, self.cache = input_ids.clone(), cache
+        lengths = [layer.cumulative_length.clone() for layer in cache.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuBLAS handles)
+            self.model(input_ids=self.ids, past_key_values=cache, use_cache=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        for layer, length in zip(cache.layers, lengths):
+            layer.cumulative_length.copy_(length)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True)
+
+    def __call__(self, input_ids, past_key_values, use_cache=True):
+        if self.graph is None or past_key_values is not self.cache or input_ids.shape != self.ids.shape:
+            self._capture(input_ids, past_key_values)
+        self.ids.copy_(input_ids)
+        self.graph.replay()
+        return self.out
 
 
 @torch.inference_mode()
