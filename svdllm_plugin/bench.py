@@ -542,7 +542,9 @@ def run(args) -> str:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (args.model is None) == (args.synthetic is None):
-        raise ValueError("bench takes a MODEL or --synthetic NAME_OR_CONFIG (random weights), not both nor neither")
+        raise ValueError(
+            "bench takes a MODEL or --synthetic NAME_OR_CONFIG (random weights), not both nor neither"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.synthetic:

@@ -41,19 +41,35 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraph")
 
 def add_arguments(b) -> None:
     """The ``--synthetic`` options of ``svdllm bench``."""
-    b.add_argument("--synthetic", default=None, metavar="NAME_OR_CONFIG",
-                   help="random weights at a named shape (llama-7b, llama-13b, smollm2-135m) or an HF "
-                   "config.json, dense against factorized at --ratios (no MODEL then)")  # fmt: skip
+    b.add_argument(
+        "--synthetic",
+        default=None,
+        metavar="NAME_OR_CONFIG",
+        help="random weights at a named shape (llama-7b, llama-13b, smollm2-135m) or an HF "
+        "config.json, dense against factorized at --ratios (no MODEL then)",
+    )
     b.add_argument("--ratios", default="0.2,0.4,0.6", help="--synthetic: fractions of parameters removed")
-    b.add_argument("--layers", type=int, default=None, help="--synthetic: decoder layers (default: the shape's)")
-    b.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="--synthetic: weight dtype (default: bf16 on CUDA, fp32 on the CPU)")  # fmt: skip
-    b.add_argument("--decode", default="eager,graph", help=f"--synthetic: decode regimes, of {', '.join(REGIMES)}")
+    b.add_argument(
+        "--layers", type=int, default=None, help="--synthetic: decoder layers (default: the shape's)"
+    )
+    b.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="--synthetic: weight dtype (default: bf16 on CUDA, fp32 on the CPU)",
+    )
+    b.add_argument(
+        "--decode", default="eager,graph", help=f"--synthetic: decode regimes, of {', '.join(REGIMES)}"
+    )
     b.add_argument("--batches", default="1", help="--synthetic: decode batch sizes (e.g. 1,16)")
     b.add_argument("--rank-multiple", type=int, default=64, help="--synthetic: ranks are multiples of this")
-    b.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                   help="torch.compile backend of the graph regimes (eager/aot_eager: trace only, quick; "
-                   "cudagraph: no compiler, the eager step captured by hand, CUDA only)")  # fmt: skip
+    b.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default="inductor",
+        help="torch.compile backend of the graph regimes (eager/aot_eager: trace only, quick; "
+        "cudagraph: no compiler, the eager step captured by hand, CUDA only)",
+    )
 
 
 def _floats(text: str) -> list[float]:
@@ -62,7 +78,9 @@ def _floats(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(0.0 < v < 1.0 for v in values):
-        raise ValueError(f"--ratios takes fractions in (0, 1) separated by commas, e.g. 0.2,0.4; got {text!r}")
+        raise ValueError(
+            f"--ratios takes fractions in (0, 1) separated by commas, e.g. 0.2,0.4; got {text!r}"
+        )
     return values
 
 
@@ -95,7 +113,9 @@ def _read_bytes(model) -> int:
 
 def _without_compiled(model):
     """A deep copy (torch.compile's wrapper cached on the model is not copyable)."""
-    saved = {k: model.__dict__.pop(k) for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__}
+    saved = {
+        k: model.__dict__.pop(k) for k in ("_compiled_call", "_last_compile_config") if k in model.__dict__
+    }
     try:
         return copy.deepcopy(model)
     finally:
@@ -147,8 +167,13 @@ def run_synthetic(args, device: str) -> str:
     """Build, measure, and return the table (or one JSON line with ``--json``)."""
     import torch
 
-    from svdllm_plugin.bench_synthetic import DTYPES, build_dense, decoder_parameters, factorize_uniform
-    from svdllm_plugin.bench_synthetic import synthetic_config
+    from svdllm_plugin.bench_synthetic import (
+        DTYPES,
+        build_dense,
+        decoder_parameters,
+        factorize_uniform,
+        synthetic_config,
+    )
 
     config = synthetic_config(args.synthetic, args.layers)
     ratios, regimes, batches, contexts, shapes = _check(args, config, device)
@@ -187,11 +212,21 @@ def run_synthetic(args, device: str) -> str:
         for batch, length in shapes:
             ids = torch.randint(0, vocab, (batch, length), generator=generator).to(device)
             log(f"prefill {batch}x{length} ...")
-            fns = [lambda m=m: m(ids, use_cache=True, logits_to_keep=1) for _, m in models]
+            fns = [lambda m=m, ids=ids: m(ids, use_cache=True, logits_to_keep=1) for _, m in models]
             stats = _alternate(models, fns, timed, args.repeats, args.warmup)
             for (ratio, _), s, p in zip(models, stats, params):
-                results["rows"].append(_row(ratio, "prefill", batch, length, s["median_s"] * 1e3,
-                                            stats[0]["median_s"] * 1e3, p / params[0], s))  # fmt: skip
+                results["rows"].append(
+                    _row(
+                        ratio,
+                        "prefill",
+                        batch,
+                        length,
+                        s["median_s"] * 1e3,
+                        stats[0]["median_s"] * 1e3,
+                        p / params[0],
+                        s,
+                    )
+                )
         for batch in batches:
             for context in contexts:
                 ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
@@ -226,7 +261,8 @@ def _decode_rows(models, regimes, ids, args, timed, params, bandwidth, log) -> l
     reference = {}  # ratio -> eager greedy tokens (batch, n + 1)
     rows = []
     for regime in regimes:
-        log(f"decode {regime}, batch {batch}, context {context}: {n} tokens x {args.warmup + args.repeats} rounds ...")
+        rounds = args.warmup + args.repeats
+        log(f"decode {regime}, batch {batch}, context {context}: {n} tokens x {rounds} rounds ...")
         decoders, firsts, tokens = [], [], []
         for ratio, model in models:
             target, kind, make_cache = _for_regime(model, regime, ratio > 0)
@@ -249,7 +285,11 @@ def _decode_rows(models, regimes, ids, args, timed, params, bandwidth, log) -> l
             if bandwidth:
                 from svdllm_plugin.inference import cache_nbytes
 
-                kv = cache_nbytes(d.cache) * context / max(d.cache.get_seq_length(), 1) if regime == "latent" else None
+                kv = (
+                    cache_nbytes(d.cache) * context / max(d.cache.get_seq_length(), 1)
+                    if regime == "latent"
+                    else None
+                )
                 read = _read_bytes(d.model) + (kv if kv is not None else _kv_bytes(d.model, batch, context))
                 row["floor_ms"] = read / bandwidth * 1e3
                 floor_dense = floor_dense or row["floor_ms"]
@@ -337,10 +377,13 @@ def format_rows(results: dict) -> str:
     if floor:
         for (regime, batch, context), by_ratio in groups.items():
             if regime in ("eager", "latent") and "floor_ms" in by_ratio[0.0]:
+                kv = "latent KV" if regime == "latent" else "KV"
                 lines.append(
-                    f"| bytes-read floor ({'latent KV' if regime == 'latent' else 'KV'}) | {batch} | {context} | "
+                    f"| bytes-read floor ({kv}) | {batch} | {context} | "
                     f"{by_ratio[0.0]['floor_ms']:.2f} | "
-                    + " | ".join(f"{by_ratio[r]['floor_vs_dense']:.2f}" if r in by_ratio else "-" for r in ratios)
+                    + " | ".join(
+                        f"{by_ratio[r]['floor_vs_dense']:.2f}" if r in by_ratio else "-" for r in ratios
+                    )
                     + " |"
                 )
     best = [r for r in rows if r.get("time_vs_dense_best") is not None and r["ratio"] > 0]
@@ -348,11 +391,14 @@ def format_rows(results: dict) -> str:
         lines.append("")
         lines.append("best regime of each model against the dense model's best (ms per token):")
         for batch, context in sorted({(r["batch"], r["context"]) for r in best}):
-            at = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["regime"] != "prefill"]
+            at = [
+                r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["regime"] != "prefill"
+            ]
             parts = []
             for ratio in [0.0, *ratios]:
                 mine = min((r for r in at if r["ratio"] == ratio), key=lambda r: r["ms_per_token"])
-                parts.append(f"{ratio:g}: {mine['regime']} {mine['ms_per_token']:.2f} ({mine['time_vs_dense_best']:.2f})")
+                ms, rel = mine["ms_per_token"], mine["time_vs_dense_best"]
+                parts.append(f"{ratio:g}: {mine['regime']} {ms:.2f} ({rel:.2f})")
             lines.append(f"- batch {batch}, context {context}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -371,18 +417,32 @@ def plot_rows(results: dict, path: str) -> None:
     width = 0.8 / len(ratios)
     for i, ratio in enumerate(ratios):
         values = [
-            next((r["time_vs_dense"] for r in rows if (r["regime"], r["batch"], r["context"]) == k and r["ratio"] == ratio), 0)
+            next(
+                (
+                    r["time_vs_dense"]
+                    for r in rows
+                    if (r["regime"], r["batch"], r["context"]) == k and r["ratio"] == ratio
+                ),
+                0,
+            )
             for k in keys
         ]
-        ax.bar([x + i * width for x in range(len(keys))], values, width, label=f"ratio {ratio:g}", color=f"C{i}")
+        ax.bar(
+            [x + i * width for x in range(len(keys))], values, width, label=f"ratio {ratio:g}", color=f"C{i}"
+        )
         param = next(r["param_ratio"] for r in rows if r["ratio"] == ratio)
         ax.axhline(param, color=f"C{i}", linestyle=":", linewidth=1)
     ax.axhline(1.0, color="black", linewidth=0.8)
     labels = [f"{reg}\nb{b} @{c}" for reg, b, c in keys]
     ax.set_xticks([x + width * (len(ratios) - 1) / 2 for x in range(len(keys))], labels, fontsize=8)
-    ax.set(ylabel="time factorized / dense", title="dotted: decoder-layer parameter ratio (weight-read limit)")
+    ax.set(
+        ylabel="time factorized / dense", title="dotted: decoder-layer parameter ratio (weight-read limit)"
+    )
     ax.legend(fontsize=8)
-    fig.suptitle(f"{results['synthetic']} ({results['layers']} layers, {results['dtype']}) on {results['device']}", fontsize=10)
+    fig.suptitle(
+        f"{results['synthetic']} ({results['layers']} layers, {results['dtype']}) on {results['device']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -102,7 +102,8 @@ def synthetic_config(name_or_path: str, layers: int | None = None):
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(
-                f"--synthetic takes one of {sorted(SHAPES)} or a path to an HF config.json; got {name_or_path!r}"
+                f"--synthetic takes one of {sorted(SHAPES)} or a path to an HF config.json; "
+                f"got {name_or_path!r}"
             )
         config = AutoConfig.for_model(**json.loads(path.read_text()))
     if layers is not None:
@@ -145,7 +146,9 @@ def decoder_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.get_decoder().layers.parameters())
 
 
-def factorize_uniform(model: nn.Module, ratio: float, rank_multiple: int = 64, seed: int = 0) -> dict[str, int]:
+def factorize_uniform(
+    model: nn.Module, ratio: float, rank_multiple: int = 64, seed: int = 0
+) -> dict[str, int]:
     """Replace, in place, every decoder-layer Linear by random factors at ``ratio``; {name: rank}.
 
     Ranks: ``round_ranks`` over all of them with one budget (what ``SVDLLMModifier`` does for a

@@ -92,9 +92,32 @@ def test_runtime_option_decode(tiny_config):
 
 
 def test_bench_synthetic_json(tiny_config, capsys):
-    argv = ["bench", "--synthetic", str(tiny_config), "--ratios", "0.4", "--decode", "eager,graph,graph-kernel",
-            "--device", "cpu", "--json", "--compile-backend", "eager", "--rank-multiple", "8",
-            "--contexts", "8", "--prefill", "1x8", "--decode-tokens", "3", "--repeats", "1", "--warmup", "0"]  # fmt: skip
+    argv = [
+        "bench",
+        "--synthetic",
+        str(tiny_config),
+        "--ratios",
+        "0.4",
+        "--decode",
+        "eager,graph,graph-kernel",
+        "--device",
+        "cpu",
+        "--json",
+        "--compile-backend",
+        "eager",
+        "--rank-multiple",
+        "8",
+        "--contexts",
+        "8",
+        "--prefill",
+        "1x8",
+        "--decode-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "graph-kernel skipped: it needs CUDA and Triton" in err
@@ -187,9 +210,32 @@ def test_synthetic_bench_runs_with_torch_and_transformers_only(tiny_config):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    argv = ["bench", "--synthetic", str(tiny_config), "--ratios", "0.4", "--decode", "eager", "--device", "cpu",
-            "--json", "--rank-multiple", "8", "--contexts", "8", "--prefill", "", "--decode-tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--threads", "1"]  # fmt: skip
+    argv = [
+        "bench",
+        "--synthetic",
+        str(tiny_config),
+        "--ratios",
+        "0.4",
+        "--decode",
+        "eager",
+        "--device",
+        "cpu",
+        "--json",
+        "--rank-multiple",
+        "8",
+        "--contexts",
+        "8",
+        "--prefill",
+        "",
+        "--decode-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ]
     done = subprocess.run(
         [sys.executable, "-c", BARE_GPU_MACHINE, *argv], cwd=root, capture_output=True, text=True, timeout=300
     )

@@ -18,8 +18,8 @@ the files can be copied next to a checkpoint's ``modeling_*.py``::
 or both at once, as a load-time option: ``prepare_for_inference(model, latent_kv_cache=True)``.
 """
 
-from .graph import GraphDecoder, enable_graph_decode, greedy_tokens
 from .fused import DEFAULT_GROUPS, fuse_shared_inputs, is_factorized
+from .graph import GraphDecoder, enable_graph_decode, greedy_tokens
 from .latent_cache import LatentKVCache, cache_nbytes, enable_latent_kv_cache, latent_layers
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 
-def prepare_for_inference(model, fuse: bool | None = False, latent_kv_cache: bool = False, decode: str = "eager"):
+def prepare_for_inference(
+    model, fuse: bool | None = False, latent_kv_cache: bool = False, decode: str = "eager"
+):
     """Apply the runtime options to a loaded model, in place; returns it.
 
     :param fuse: one GEMM per shared-input group; ``None`` fuses when the model has factorized

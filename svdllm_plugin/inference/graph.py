@@ -77,7 +77,12 @@ class GraphDecoder:
     """
 
     def __init__(
-        self, model: nn.Module, max_length: int, regime: str = "graph", backend: str = "inductor", make_cache=None
+        self,
+        model: nn.Module,
+        max_length: int,
+        regime: str = "graph",
+        backend: str = "inductor",
+        make_cache=None,
     ):
         if regime not in DECODE_REGIMES:
             raise ValueError(f"decode regime must be one of {DECODE_REGIMES}; got {regime!r}")
@@ -89,7 +94,9 @@ class GraphDecoder:
             self.step = model
         elif backend == "cudagraph":
             if device.type != "cuda":
-                raise ValueError("the cudagraph backend needs a model on a CUDA device; use inductor elsewhere")
+                raise ValueError(
+                    "the cudagraph backend needs a model on a CUDA device; use inductor elsewhere"
+                )
             self.step = _CapturedStep(model)
         else:
             self.step = model.get_compiled_call(compile_config(device, backend))
@@ -107,7 +114,9 @@ class GraphDecoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Fill a fresh cache with the prompt (eagerly); the greedy next token (batch, 1)."""
         if input_ids.shape[1] >= self.max_length:
-            raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in max_length={self.max_length}")
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens leaves no room in max_length={self.max_length}"
+            )
         self.cache = self._new_cache()
         out = self.model(input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.length = input_ids.shape[1]
@@ -172,7 +181,11 @@ class _CapturedStep:
 
 @torch.inference_mode()
 def greedy_tokens(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int, regime: str = "graph", backend: str = "inductor"
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    regime: str = "graph",
+    backend: str = "inductor",
 ) -> torch.Tensor:
     """The ``new_tokens`` greedy continuation (batch, new_tokens) through ``regime``."""
     decoder = GraphDecoder(model, input_ids.shape[1] + new_tokens, regime, backend)

@@ -29,7 +29,13 @@ try:
 except ImportError:  # CPU installs: the torch path only
     triton = None
 
-__all__ = ["available", "lowrank_linear", "LowRankKernelLinear", "enable_lowrank_kernel", "disable_lowrank_kernel"]
+__all__ = [
+    "available",
+    "lowrank_linear",
+    "LowRankKernelLinear",
+    "enable_lowrank_kernel",
+    "disable_lowrank_kernel",
+]
 
 MAX_TOKENS = 16  # rows the kernel handles (tl.dot needs >= 16 padded rows: one tile)
 
@@ -43,9 +49,19 @@ if triton is not None:
 
     @triton.jit
     def _lowrank_kernel(
-        x_ptr, v_ptr, u_ptr, y_ptr, M, N, K, OUT,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_OUT: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        v_ptr,
+        u_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        OUT,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_OUT: tl.constexpr,
+    ):
         pid_k = tl.program_id(0)  # block of the rank dimension
         pid_o = tl.program_id(1)  # split of the output rows (more programs than rank blocks alone)
         rm = tl.arange(0, BLOCK_M)
@@ -53,16 +69,24 @@ if triton is not None:
         t = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # t = x V^T for this rank block
         for n0 in range(0, N, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            x = tl.load(x_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-            v = tl.load(v_ptr + rk[:, None] * N + rn[None, :], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            x = tl.load(
+                x_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0
+            )
+            v = tl.load(
+                v_ptr + rk[:, None] * N + rn[None, :], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0
+            )
             t += tl.dot(x, tl.trans(v))
         t = t.to(u_ptr.dtype.element_ty)
         per_split = tl.cdiv(OUT, tl.num_programs(1))
         for o0 in range(pid_o * per_split, tl.minimum(OUT, (pid_o + 1) * per_split), BLOCK_OUT):
             ro = o0 + tl.arange(0, BLOCK_OUT)
-            u = tl.load(u_ptr + ro[:, None] * K + rk[None, :], mask=(ro[:, None] < OUT) & (rk[None, :] < K), other=0.0)
+            u = tl.load(
+                u_ptr + ro[:, None] * K + rk[None, :], mask=(ro[:, None] < OUT) & (rk[None, :] < K), other=0.0
+            )
             part = tl.dot(t, tl.trans(u))  # (BLOCK_M, BLOCK_OUT)
-            tl.atomic_add(y_ptr + rm[:, None] * OUT + ro[None, :], part, mask=(rm[:, None] < M) & (ro[None, :] < OUT))
+            tl.atomic_add(
+                y_ptr + rm[:, None] * OUT + ro[None, :], part, mask=(rm[:, None] < M) & (ro[None, :] < OUT)
+            )
 
 
 def _kernel(x2: torch.Tensor, V: torch.Tensor, U: torch.Tensor, splits: int = 4) -> torch.Tensor:
@@ -76,7 +100,11 @@ def _kernel(x2: torch.Tensor, V: torch.Tensor, U: torch.Tensor, splits: int = 4)
 
 
 def lowrank_linear(
-    x: torch.Tensor, V: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None = None, max_tokens: int = MAX_TOKENS
+    x: torch.Tensor,
+    V: torch.Tensor,
+    U: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_tokens: int = MAX_TOKENS,
 ) -> torch.Tensor:
     """``F.linear(F.linear(x, V), U, bias)``, one Triton launch when it applies."""
     rows = x.numel() // x.shape[-1]
