@@ -11,25 +11,29 @@
 # (4) the latent KV cache at 4k-32k contexts. Each step writes NAME.json, NAME.png and NAME.err
 # under OUT_DIR (default $OUT, else benchmarks/results/gpu_decode) and prints its table.
 # Environment: SHAPE (llama-7b), PYTHON (python3), STEP_TIMEOUT seconds (420),
-# BACKEND (inductor; cudagraph = capture by hand, no compile time), STEPS (1234).
+# BACKEND (inductor; cudagraph = capture by hand, no compile time), STEPS (1234), DEVICE (cuda),
+# EXTRA (more bench flags). A CPU smoke test of the script itself:
+#   SHAPE=cfg.json DEVICE=cpu BACKEND=eager EXTRA="--rank-multiple 8" STEPS=1 bash benchmarks/gpu_decode.sh /tmp/out
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu_decode}}
 PY=${PYTHON:-python3}
 SHAPE=${SHAPE:-llama-7b}
 BACKEND=${BACKEND:-inductor}
 STEPS=${STEPS:-1234}
+DEVICE=${DEVICE:-cuda}
+read -r -a EXTRA_ARGS <<<"${EXTRA:-}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import loguru" 2>/dev/null || export PYTHONPATH="$PWD/benchmarks/gpu_shim:$PYTHONPATH"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/svdllm_inductor}  # shared by the steps
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 step() {  # step NAME ARGS...: one `svdllm bench --synthetic` run, then its table
     local name=$1
     shift
-    local cmd=(-m svdllm_plugin.cli bench --synthetic "$SHAPE" --device cuda --dtype bf16
-        --compile-backend "$BACKEND" --json --plot "$OUT_DIR/$name.png" "$@")
+    local cmd=(-m svdllm_plugin.cli bench --synthetic "$SHAPE" --device "$DEVICE" --dtype bf16
+        --compile-backend "$BACKEND" --json --plot "$OUT_DIR/$name.png" "$@" "${EXTRA_ARGS[@]}")
     echo
     echo "== $name: svdllm ${cmd[*]:2}"
     local start=$SECONDS
@@ -37,7 +41,7 @@ step() {  # step NAME ARGS...: one `svdllm bench --synthetic` run, then its tabl
     local rc=$?
     echo "-- exit $rc after $((SECONDS - start)) s"
     if [ $rc -eq 0 ]; then
-        $PY -c "import json, sys; from svdllm_plugin.bench_decode import format_rows; print(format_rows(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json"
+        $PY -c "import json, sys; from svdllm_plugin.bench_decode_output import format_rows; print(format_rows(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json"
     else
         tail -5 "$OUT_DIR/$name.err"
     fi
