@@ -49,6 +49,21 @@ step() {  # step NAME ARGS...: one `svdllm bench --synthetic` run, then its tabl
 
 [[ $STEPS == *1* ]] && step accept --ratios 0.4 --decode eager,graph --batches 1 --contexts 1024 \
     --prefill 16x512 --decode-tokens 32 --repeats 5
+[[ $STEPS == *2* ]] && $PY - <<'PY'  # the Triton kernel against two GEMMs, before timing it
+import torch
+from svdllm_plugin.inference.triton_lowrank import available, lowrank_linear
+if available():
+    for m, k, n in [(4096, 1216, 4096), (11008, 1856, 4096), (576, 200, 1536)]:
+        for tokens in (1, 16):
+            V = (torch.randn(k, n, device="cuda") / n**0.5).bfloat16()
+            U = (torch.randn(m, k, device="cuda") / k**0.5).bfloat16()
+            x = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+            ref = (x.float() @ V.float().T) @ U.float().T
+            err = (lowrank_linear(x, V, U).float() - ref).abs().max().item()
+            print(f"kernel {m}x{k}x{n}, {tokens} rows: max |error| {err:.4f} (|ref| max {ref.abs().max().item():.2f})")
+else:
+    print("kernel check skipped: no CUDA or no Triton")
+PY
 [[ $STEPS == *2* ]] && step kernels --ratios 0.4 --decode graph,graph-fused,graph-kernel --batches 1,16 \
     --contexts 1024 --prefill "" --decode-tokens 32 --repeats 5
 [[ $STEPS == *3* ]] && step ratios --ratios 0.2,0.4,0.6 --decode eager,graph --batches 1,16 --contexts 1024 \

@@ -175,12 +175,13 @@ def test_lowrank_kernel_swap_keeps_function_and_state(tiny_config):
 
 
 @pytest.mark.skipif(not available(), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("tokens", [1, 16])
-def test_lowrank_kernel_matches_two_gemms_on_cuda(tokens):
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("m, k, n", [(4096, 320, 4096), (576, 200, 1536)])  # 576: splits not multiples of 64
+def test_lowrank_kernel_matches_two_gemms_on_cuda(tokens, m, k, n):
     torch.manual_seed(0)
-    V = torch.randn(320, 4096, device="cuda", dtype=torch.bfloat16) / 64  # (k, n)
-    U = torch.randn(4096, 320, device="cuda", dtype=torch.bfloat16) / 18  # (m, k)
-    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    V = (torch.randn(k, n, device="cuda") / n**0.5).bfloat16()  # (k, n)
+    U = (torch.randn(m, k, device="cuda") / k**0.5).bfloat16()  # (m, k)
+    x = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     expected = (x.float() @ V.float().T) @ U.float().T
     assert torch.allclose(lowrank_linear(x, V, U).float(), expected, rtol=0.05, atol=0.05)
 

@@ -78,14 +78,15 @@ if triton is not None:
             t += tl.dot(x, tl.trans(v))
         t = t.to(u_ptr.dtype.element_ty)
         per_split = tl.cdiv(OUT, tl.num_programs(1))
-        for o0 in range(pid_o * per_split, tl.minimum(OUT, (pid_o + 1) * per_split), BLOCK_OUT):
+        end = tl.minimum(OUT, (pid_o + 1) * per_split)  # rows past it belong to the next split
+        for o0 in range(pid_o * per_split, end, BLOCK_OUT):
             ro = o0 + tl.arange(0, BLOCK_OUT)
             u = tl.load(
-                u_ptr + ro[:, None] * K + rk[None, :], mask=(ro[:, None] < OUT) & (rk[None, :] < K), other=0.0
+                u_ptr + ro[:, None] * K + rk[None, :], mask=(ro[:, None] < end) & (rk[None, :] < K), other=0.0
             )
             part = tl.dot(t, tl.trans(u))  # (BLOCK_M, BLOCK_OUT)
             tl.atomic_add(
-                y_ptr + rm[:, None] * OUT + ro[None, :], part, mask=(rm[:, None] < M) & (ro[None, :] < OUT)
+                y_ptr + rm[:, None] * OUT + ro[None, :], part, mask=(rm[:, None] < M) & (ro[None, :] < end)
             )
 
 
