@@ -53,10 +53,14 @@ def _models(config_path):
     return dense, factorized
 
 
-@pytest.mark.parametrize("kind", ["dense", "factorized", "factorized-fused"])
+@pytest.mark.parametrize("kind", ["dense", "factorized", "factorized-fused", "plugin-svdlinear"])
 def test_graph_decode_gives_eager_tokens(tiny_config, kind):
     dense, factorized = _models(tiny_config)
     model = dense if kind == "dense" else factorized
+    if kind == "plugin-svdlinear":  # layers.SVDLinear (what `svdllm generate` loads), truncated SVD
+        from factor_helpers import factorize_ratio
+
+        model = factorize_ratio(dense, 0.4)
     if kind.endswith("fused"):
         fuse_shared_inputs(model)
     ids = torch.randint(0, TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
