@@ -220,7 +220,10 @@ def _generate(args) -> str:
 
         model = to_bitsandbytes(model, args.bnb)
     model.to(device)
-    if args.decode == "graph" or (args.decode == "auto" and str(device).startswith("cuda") and not args.bnb):
+    latent = getattr(model, "_svdllm_latent_cache", None) is not None  # a folder's load-time option
+    if args.decode == "graph" or (
+        args.decode == "auto" and str(device).startswith("cuda") and not (args.bnb or latent)
+    ):
         from svdllm_plugin.inference.graph import enable_graph_decode
 
         enable_graph_decode(model, device=device)

@@ -93,6 +93,8 @@ def test_runtime_option_decode(tiny_config):
     assert model.generation_config.cache_implementation == "static"
     with pytest.raises(ValueError, match="decode must be 'eager' or 'graph'"):
         apply_runtime_options(model, {"decode": "fast"})
+    with pytest.raises(ValueError, match="set only one of them"):  # before any work is done
+        apply_runtime_options(model, {"decode": "graph", "latent_kv_cache": True})
 
 
 def test_bench_synthetic_json(tiny_config, capsys):

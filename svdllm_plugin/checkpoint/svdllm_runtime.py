@@ -56,6 +56,11 @@ def apply_runtime_options(model, options: dict):
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown svdllm_runtime options {unknown}; this folder supports {sorted(OPTIONS)}")
+    if options.get("decode") == "graph" and options.get("latent_kv_cache"):
+        raise ValueError(
+            "svdllm_runtime: decode: graph needs a static KV cache and latent_kv_cache is a dynamic one; "
+            "set only one of them"
+        )
     for name, value in options.items():
         model = OPTIONS[name](model, value)
     return model

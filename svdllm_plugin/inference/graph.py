@@ -199,11 +199,16 @@ def enable_graph_decode(model: nn.Module, backend: str = "inductor", device=None
     """Make ``model.generate`` decode with a static cache and the compiled step; returns ``model``.
 
     Sets ``generation_config.cache_implementation = "static"`` and its ``compile_config``
-    (transformers then compiles the decoding forward itself). A ``past_key_values`` passed to
-    ``generate`` (e.g. the latent KV cache) still wins: that cache is not static, so it decodes
-    eagerly. ``device`` picks the compile mode (default: CUDA when available, since a folder
-    is often loaded on the CPU and moved afterwards).
+    (transformers then compiles the decoding forward itself). Refused on a model whose
+    ``generate`` passes the latent KV cache (a dynamic cache: transformers rejects a cache object
+    together with ``cache_implementation``). ``device`` picks the compile mode (default: CUDA
+    when available, since a folder is often loaded on the CPU and moved afterwards).
     """
+    if getattr(model, "_svdllm_latent_cache", None) is not None:
+        raise ValueError(
+            "graph decode needs a static KV cache, and this model decodes with the latent KV cache: "
+            "use one of decode: graph and latent_kv_cache"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = compile_config(device, backend)
