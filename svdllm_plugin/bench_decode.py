@@ -15,7 +15,8 @@ models round by round in one process (medians):
 Each row: ``ratio`` (0 for the dense model), ``regime``, ``batch``, ``context``,
 ``ms_per_token``, ``time_vs_dense`` (same regime), ``time_vs_dense_best`` (against the dense
 model's fastest regime at that batch and context), ``param_ratio`` (decoder-layer parameters
-against dense: the weight-read limit on any hardware), on CUDA ``floor_ms`` (weights + KV cache
+against dense), ``read_ratio`` (decode rows: weight bytes one step reads, LM head included,
+against dense: the limit of a memory-bound decode on any hardware), on CUDA ``floor_ms`` (weights + KV cache
 bytes read per step / measured copy bandwidth), and for every regime but ``eager``
 ``same_tokens`` (its greedy tokens equal the eager ones of the same model). Prefill rows
 (regime ``prefill``) time one eager forward of batch x length.
@@ -105,10 +106,15 @@ def _bandwidth(device) -> float | None:
     return 2 * x.numel() / statistics.median(times)
 
 
-def _read_bytes(model, cache, regime: str, batch: int, context: int) -> float:
-    """Bytes one decode step reads: decoder layers, final norm, LM head, and the KV cache of ``context``."""
+def _weight_bytes_read(model) -> int:
+    """Weight bytes one decode step reads: decoder layers, final norm, LM head (not the embedding)."""
     parts = [model.get_decoder().layers, model.get_decoder().norm, model.get_output_embeddings()]
-    weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def _read_bytes(model, cache, regime: str, batch: int, context: int) -> float:
+    """Bytes one decode step reads: the weights and the KV cache of ``context`` positions."""
+    weights = _weight_bytes_read(model)
     if regime == "latent":  # what the latent cache holds per position, measured
         from svdllm_plugin.inference import cache_nbytes
 
@@ -312,6 +318,7 @@ def _regime_rows(models, regime, ids, args, timed, params, bandwidth, reference,
     rows = []
     for (ratio, _), d, s, p, tok in zip(models, decoders, stats, params, tokens):
         row = _row(ratio, regime, batch, context, s["median_s"] * 1e3 / n, dense_ms, p / params[0], s)
+        row["read_ratio"] = _weight_bytes_read(d.model) / _weight_bytes_read(decoders[0].model)
         if regime != "eager":
             row["same_tokens"] = bool(torch.equal(tok, reference[ratio]))
         if bandwidth:

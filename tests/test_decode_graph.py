@@ -136,6 +136,7 @@ def test_bench_synthetic_json(tiny_config, capsys):
     for r in rows:
         assert r["time_vs_dense"] > 0 and 0 < r["param_ratio"] <= 1
         assert ("same_tokens" in r) == (r["regime"] == "graph")
+        assert ("read_ratio" in r) == (r["regime"] != "prefill")
     assert all(r["same_tokens"] for r in rows if r["regime"] == "graph")
     assert next(r for r in rows if r["ratio"] == 0.4)["param_ratio"] == pytest.approx(0.6, abs=0.05)
 
