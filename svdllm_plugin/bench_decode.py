@@ -223,8 +223,10 @@ def run_synthetic(args, device: str) -> str:
     import torch._dynamo
 
     dynamo = torch._dynamo.config
-    saved = dynamo.recompile_limit, dynamo.fail_on_recompile_limit_hit
-    dynamo.recompile_limit, dynamo.fail_on_recompile_limit_hit = max(saved[0], 64), True
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch
+    saved = getattr(dynamo, limit), dynamo.fail_on_recompile_limit_hit
+    setattr(dynamo, limit, max(saved[0], 64))
+    dynamo.fail_on_recompile_limit_hit = True
     try:
         with torch.inference_mode():
             timed = _timer(device)
@@ -238,7 +240,8 @@ def run_synthetic(args, device: str) -> str:
                     ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
                     results["rows"] += _decode_rows(models, regimes, ids, args, timed, params, bandwidth, log)
     finally:
-        dynamo.recompile_limit, dynamo.fail_on_recompile_limit_hit = saved
+        setattr(dynamo, limit, saved[0])
+        dynamo.fail_on_recompile_limit_hit = saved[1]
     _add_best(results["rows"])
     from svdllm_plugin.bench_decode_output import format_rows, plot_rows
 
