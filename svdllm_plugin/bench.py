@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("model", help="'smollm2-135m', a dense HF folder or a compressed folder")
+    b.add_argument("model", nargs="?", help="'smollm2-135m', a dense HF folder or a compressed folder")
     b.add_argument("--baseline", default=None, help="model to compare with (e.g. smollm2-135m)")
     b.add_argument(
         "--fuse",
@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     b.add_argument("--plot", default=None, help="write a PNG plot to this file")
+    from svdllm_plugin.bench_decode import add_arguments  # --synthetic and its options
+
+    add_arguments(b)
     return b
 
 
@@ -557,6 +560,16 @@ def run(args) -> str:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (args.model is None) == (args.synthetic is None):
+        raise ValueError(
+            "bench takes a MODEL or --synthetic NAME_OR_CONFIG (random weights), not both nor neither"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.synthetic:
+        from svdllm_plugin.bench_decode import run_synthetic
+
+        return run_synthetic(args, device)
     shapes, contexts = _shapes(args.prefill), _ints(args.contexts, "--contexts")
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--decode-tokens and --repeats must be >= 1 and --warmup >= 0")

@@ -198,6 +198,13 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
         help="convert every Linear (the SVD factors included) to bitsandbytes NF4 / int8 first",
     )
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--decode",
+        choices=["auto", "eager", "graph"],
+        default="auto",
+        help="graph: static KV cache + compiled decode step (CUDA graphs on a GPU; on a CPU the "
+        "compilation takes about a minute); auto: graph on CUDA, eager elsewhere",
+    )
     return g
 
 
@@ -214,6 +221,13 @@ def _generate(args) -> str:
 
         model = to_bitsandbytes(model, args.bnb)
     model.to(device)
+    latent = getattr(model, "_svdllm_latent_cache", None) is not None  # a folder's load-time option
+    if args.decode == "graph" or (
+        args.decode == "auto" and str(device).startswith("cuda") and not (args.bnb or latent)
+    ):
+        from svdllm_plugin.inference.graph import enable_graph_decode
+
+        enable_graph_decode(model, device=device)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False

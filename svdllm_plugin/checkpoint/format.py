@@ -59,6 +59,7 @@ MODELING_FILES = {
     "svdllm_runtime.py": "checkpoint/svdllm_runtime.py",
     "svdllm_fused.py": "inference/fused.py",  # torch + transformers only, like the two above
     "svdllm_latent_cache.py": "inference/latent_cache.py",
+    "svdllm_graph.py": "inference/graph.py",
 }
 AUTO_MAP = {
     "AutoConfig": "modeling_svdllm.SVDLLMConfig",
