@@ -177,6 +177,19 @@ def single_pass(modifiers) -> bool:
     )
 
 
+def pipeline_for(modifiers) -> str:
+    """``sequential`` when a compensation step shares its pass with the quantizer (then it holds
+    one decoder layer's original weights at a time), else oneshot's default ``independent``
+    (every modifier in a pass of its own: what SVD and LoRA steps need)."""
+    from svdllm_plugin.modifiers.compensation import LowRankCompensationModifier
+    from svdllm_plugin.modifiers.lora import SequentialLoRAModifier
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
+
+    if any(isinstance(m, (SVDLLMModifier, SequentialLoRAModifier)) for m in modifiers):
+        return "independent"
+    return "sequential" if any(isinstance(m, LowRankCompensationModifier) for m in modifiers) else "independent"
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
@@ -255,6 +268,7 @@ def compress(
         num_calibration_samples=len(calib),
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
+        pipeline=pipeline_for(modifiers),
     )
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")

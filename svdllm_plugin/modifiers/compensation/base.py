@@ -285,15 +285,17 @@ class LowRankCompensationModifier(Modifier):
         E = self._error(name)
         objective_q = fit.objective(E, H)
         L, R = fit.truncate(factors, r)
-        for _ in range(1, self.rounds if r else 1):
-            E = self._requantize(name, L, R, H)
-            L, R = fit.truncate(fit.fit_error(E, self._whiten(H, name), r), r)
+        if r and self.rounds > 1:
+            E, L, R = self._alternate(name, E, L, R, H)
         if r and self.factor_bits is not None:
             L, _, R, _ = fit.quantize_factors(
                 E, H, L, R, self.factor_bits, self.factor_group_size, linear.weight.dtype
             )
         L, R = _same_on_all_ranks(L, R)
-        objective = fit.objective(E, H, L, R) if r else objective_q
+        objective = fit.objective(E, H, L, R) if r else fit.objective(E, H)
+        if r and objective >= fit.objective(E, H):  # rounded factors that do not help: Q alone
+            logger.info("{}: rank-{} factors do not lower the whitened error; kept uncompensated", name, r)
+            r, objective = 0, fit.objective(E, H)
         if r:
             replace_module(model, name, CompensatedLinear.from_linear(linear, L, R))
         m, n = linear.out_features, linear.in_features
@@ -311,6 +313,24 @@ class LowRankCompensationModifier(Modifier):
             bits / (m * n),
             seconds,
         )
+
+    def _alternate(self, name: str, E, L, R, H):
+        """Rounds 2..``rounds``: Q = GPTQ(W - L R), refit L R to W - Q; the best round is kept
+        (its Q written back). Returns (E = W - Q, L, R) of that round."""
+        linear = self._linears[name]
+        S = self._whiten(H, name)
+        r = R.shape[0]
+        best = (fit.objective(E, H, L, R), linear.weight.detach().clone(), E, L, R)
+        for _ in range(1, self.rounds):
+            E = self._requantize(name, L, R, H)
+            L, R = fit.truncate(fit.fit_error(E, S, r), r)
+            objective = fit.objective(E, H, L, R)
+            if objective < best[0]:
+                best = (objective, linear.weight.detach().clone(), E, L, R)
+        from svdllm_plugin.offload import write_parameter
+
+        write_parameter(linear, "weight", best[1])
+        return best[2:]
 
     def _whiten(self, H: torch.Tensor, name: str) -> torch.Tensor:
         return whiten_eigh(H) if self.whitening == "eigh" else whiten_cholesky(H, name)
