@@ -251,12 +251,18 @@ class LowRankCompensationModifier(Modifier):
         """The largest rank each matrix may get: ``rank``, or what the whole layer's budget buys."""
         if self.rank is not None:
             return {n: min(self.rank, *shapes[n]) for n in ready}
-        entry = self._entry_bits()
         budget = self.extra_bits * sum(m * n for m, n in shapes.values())
-        return {name: min(int(budget // ((m + n) * entry)), m, n) for name, (m, n) in shapes.items()}
+        caps = {}
+        for name, (m, n) in shapes.items():
+            r = 0
+            while r < min(m, n) and self._bits(m, n, r + 1) <= budget:
+                r += 1
+            caps[name] = r
+        return caps
 
-    def _entry_bits(self) -> float:
-        return fit.factor_entry_bits(self.factor_bits, self.factor_group_size, self.budget_dtype_bits)
+    def _bits(self, m: int, n: int, r: int) -> float:
+        """Stored bits of rank-r factors of an (m, n) matrix, as this modifier saves them."""
+        return fit.factor_bits_of(m, n, r, self.factor_bits, self.factor_group_size, self.budget_dtype_bits)
 
     def _error(self, name: str) -> torch.Tensor:
         """E = W - Q(W) (m, n) float64: the snapshot minus what the quantizer wrote."""
@@ -276,7 +282,7 @@ class LowRankCompensationModifier(Modifier):
         if self.rank is not None:
             return {n: cap[n] for n in ready}
         budget = self.extra_bits * sum(m * n for m, n in shapes.values())
-        return fit.allocate_ranks(spectra, shapes, budget, self._entry_bits(), self.rank_multiple, cap)
+        return fit.allocate_ranks(spectra, shapes, budget, self._bits, self.rank_multiple, cap)
 
     def _apply(self, model: nn.Module, name: str, factors: Factors, r: int, seconds: float) -> None:
         """Write Q(W) + L R into the model (every rank) and record the objectives."""
@@ -287,19 +293,24 @@ class LowRankCompensationModifier(Modifier):
         L, R = fit.truncate(factors, r)
         if r and self.rounds > 1:
             E, L, R = self._alternate(name, E, L, R, H)
-        if r and self.factor_bits is not None:
-            L, _, R, _ = fit.quantize_factors(
+        L, R = _same_on_all_ranks(L, R)
+        scales = None
+        if r and self.factor_bits is not None:  # deterministic from the (identical) L, R and H
+            L, scale_L, R, scale_R = fit.quantize_factors(
                 E, H, L, R, self.factor_bits, self.factor_group_size, linear.weight.dtype
             )
-        L, R = _same_on_all_ranks(L, R)
+            scales = (scale_L, scale_R)
         objective = fit.objective(E, H, L, R) if r else fit.objective(E, H)
         if r and objective >= fit.objective(E, H):  # rounded factors that do not help: Q alone
             logger.info("{}: rank-{} factors do not lower the whitened error; kept uncompensated", name, r)
             r, objective = 0, fit.objective(E, H)
         if r:
-            replace_module(model, name, CompensatedLinear.from_linear(linear, L, R))
+            layer = CompensatedLinear.from_linear(linear, L, R)
+            if scales is not None:
+                _attach_factor_schemes(layer, self.factor_bits, self.factor_group_size, *scales)
+            replace_module(model, name, layer)
         m, n = linear.out_features, linear.in_features
-        bits = r * (m + n) * self._entry_bits()
+        bits = self._bits(m, n, r)
         self._records.append(
             dict(name=name, rank=r, m=m, n=n, objective_q=objective_q, objective=objective, bits=bits)
         )
@@ -386,3 +397,29 @@ def _same_on_all_ranks(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, 
     for tensor in (L, R):
         distributed._comm(dist.broadcast, tensor, src=0)
     return L, R
+
+
+def _attach_factor_schemes(layer: CompensatedLinear, bits: int, group_size: int, scale_L, scale_R) -> None:
+    """Give the rounded factors compressed-tensors schemes and their scales, so the save packs them.
+
+    ``lowrank_r``: groups of ``group_size`` input columns (one per row if it does not divide);
+    ``lowrank_l``: one scale per row. The regex targets outrank the quantizer's ``Linear`` class
+    target when transformers' compressed-tensors quantizer reloads the folder.
+    """
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+
+    from svdllm_plugin.offload import write_parameter
+
+    n = layer.in_features
+    for child, suffix, scale, strategy in (
+        (layer.lowrank_r, "lowrank_r", scale_R, "group" if n % group_size == 0 else "channel"),
+        (layer.lowrank_l, "lowrank_l", scale_L, "channel"),
+    ):
+        args = dict(num_bits=bits, type="int", symmetric=True, strategy=strategy)
+        if strategy == "group":
+            args["group_size"] = group_size
+        scheme = QuantizationScheme(targets=[rf"re:.*\.{suffix}$"], weights=QuantizationArgs(**args))
+        initialize_module_for_quantization(child, scheme)
+        write_parameter(child, "weight_scale", scale.reshape(child.weight_scale.shape))
+        child.quantization_status = QuantizationStatus.FROZEN

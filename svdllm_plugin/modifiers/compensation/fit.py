@@ -24,7 +24,7 @@ from svdllm_plugin.modifiers.svd.decompose import Factors, factorize, refit_u
 __all__ = [
     "fit_error",
     "objective",
-    "factor_entry_bits",
+    "factor_bits_of",
     "allocate_ranks",
     "truncate",
     "quantize_symmetric",
@@ -50,11 +50,15 @@ def objective(E: torch.Tensor, H: torch.Tensor, L: torch.Tensor | None = None, R
     return float(((D @ H.to(torch.float64)) * D).sum())
 
 
-def factor_entry_bits(factor_bits: int | None, group_size: int, dtype_bits: int = 16) -> float:
-    """Stored bits of one factor entry: the float dtype, or the integer plus its group's scale."""
+def factor_bits_of(m: int, n: int, r: int, factor_bits: int | None, group_size: int, dtype_bits: int = 16) -> float:
+    """Stored bits of rank-r factors L (m, r), R (r, n): float entries, or integers plus scales
+    (R: one per ``group_for(n, group_size)`` columns of each row; L: one per row)."""
+    if r == 0:
+        return 0.0
     if factor_bits is None:
-        return float(dtype_bits)
-    return factor_bits + dtype_bits / group_size
+        return float(r * (m + n) * dtype_bits)
+    scales = r * (n // group_for(n, group_size)) + m
+    return float(r * (m + n) * factor_bits + scales * dtype_bits)
 
 
 def truncate(factors: Factors, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +70,16 @@ def allocate_ranks(
     spectra: dict[str, torch.Tensor],
     shapes: dict[str, tuple[int, int]],
     budget_bits: float,
-    entry_bits: float,
+    bits_of,
     multiple: int,
     caps: dict[str, int],
 ) -> dict[str, int]:
     """Ranks (multiples of ``multiple``) whose factors fit ``budget_bits``, greedily on loss.
 
-    Each step gives ``multiple`` more components to the matrix whose next components drop its
-    whitened residual sum sigma_i^2 the most per stored bit (multiple (m + n) entry_bits),
-    among the steps that still fit the budget and stay within ``caps``. Never over budget.
+    ``bits_of(m, n, r)``: stored bits of rank-r factors. Each step gives ``multiple`` more
+    components to the matrix whose next components drop its whitened residual sum sigma_i^2
+    the most per stored bit, among the steps that still fit the budget and stay within
+    ``caps``. Never over budget.
     """
     ranks = {name: 0 for name in spectra}
     energy = {name: (sigma.to(torch.float64) ** 2) for name, sigma in spectra.items()}
@@ -84,7 +89,7 @@ def allocate_ranks(
         for name, e in energy.items():
             m, n = shapes[name]
             r = ranks[name]
-            cost = multiple * (m + n) * entry_bits
+            cost = bits_of(m, n, r + multiple) - bits_of(m, n, r)
             if r + multiple > caps[name] or cost > left:
                 continue
             gain = float(e[r : r + multiple].sum()) / cost
@@ -93,8 +98,8 @@ def allocate_ranks(
         if best is None:
             return ranks
         m, n = shapes[best]
+        left -= bits_of(m, n, ranks[best] + multiple) - bits_of(m, n, ranks[best])
         ranks[best] += multiple
-        left -= multiple * (m + n) * entry_bits
 
 
 def quantize_symmetric(W: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype):
@@ -129,11 +134,12 @@ def quantize_factors(
     group_size: int,
     scale_dtype: torch.dtype,
 ):
-    """Round R, refit L to the rounded R on ||(E - L R_q) X||, round L.
+    """Round R (groups of ``group_size`` columns), refit L to the rounded R on ||(E - L R_q) X||,
+    round L (one scale per row: its rows are only r long).
 
     Returns (L_q (m, r), scale_L, R_q (r, n), scale_R), dequantized values in float64.
     """
     R_q, scale_R = quantize_symmetric(R, bits, group_for(R.shape[1], group_size), scale_dtype)
     L = refit_u(E, R_q, H)  # (m, r): the best L for the rounded R
-    L_q, scale_L = quantize_symmetric(L, bits, group_for(L.shape[1], group_size), scale_dtype)
+    L_q, scale_L = quantize_symmetric(L, bits, L.shape[1], scale_dtype)
     return L_q, scale_L, R_q, scale_R
