@@ -330,3 +330,41 @@ def test_stack_recipe_runs_and_reloads(path, tmp_path, save_tiny, calib, tokeniz
     from llmcompressor.recipe import Recipe
 
     assert pipeline_for(Recipe.create_instance(text).modifiers) == "sequential"
+
+
+# ---------------------------------------------------------------- offloading
+
+
+@pytest.mark.parametrize("compensated", ["float"], indirect=True)
+def test_disk_offloaded_model_gets_the_same_factors(compensated, dense, calib, tokenizer, tmp_path):
+    """Decoder layers on disk (compressed-tensors offloading): the factors are offloaded like the
+    Linear they compensate, the saved checkpoint holds what the offloaded run computed, and the
+    first layer (same inputs in both runs) equals the in-memory run's. Later layers see inputs
+    propagated through offloaded copies, equal only to rounding, so their factors are not compared.
+    """
+    import yaml
+    from llmcompressor import oneshot
+    from test_offload import load_disk_offloaded
+
+    model = load_disk_offloaded(dense, tmp_path / "offload")
+    oneshot(
+        model=model,
+        dataset=calib,
+        recipe=yaml.safe_dump(recipe(VARIANTS["float"][0]), sort_keys=False),
+        num_calibration_samples=len(calib),
+        max_seq_length=len(calib[0]["input_ids"]),
+        pipeline="sequential",
+    )
+    layers = [m for m in model.modules() if isinstance(m, CompensatedLinear)]
+    assert layers and {type(m.lowrank_l._parameters).__name__ for m in layers} == {"DiskCache"}
+    computed = {
+        f"{name}.{child}": model.get_submodule(f"{name}.{child}").weight.detach().clone()
+        for name in compensated_ranks(model)
+        for child in ("base", "lowrank_l", "lowrank_r")
+    }
+    reloaded = load_pretrained(save_pretrained(model, tmp_path / "saved", tokenizer))
+    assert compensated_ranks(reloaded) == compensated_ranks(model)
+    for key, W in computed.items():
+        torch.testing.assert_close(reloaded.get_submodule(key).weight.detach(), W, rtol=0, atol=0)
+        if key.startswith("model.layers.0."):
+            torch.testing.assert_close(compensated.get_submodule(key).weight.detach(), W, rtol=1e-5, atol=1e-6)
