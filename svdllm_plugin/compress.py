@@ -187,7 +187,8 @@ def pipeline_for(modifiers) -> str:
 
     if any(isinstance(m, (SVDLLMModifier, SequentialLoRAModifier)) for m in modifiers):
         return "independent"
-    return "sequential" if any(isinstance(m, LowRankCompensationModifier) for m in modifiers) else "independent"
+    compensates = any(isinstance(m, LowRankCompensationModifier) for m in modifiers)
+    return "sequential" if compensates else "independent"
 
 
 def parameter_counts(model) -> tuple[int, int, int]:

@@ -29,7 +29,13 @@ GPTQ_W2 = {
     "config_groups": {
         "group_0": {
             "targets": ["Linear"],
-            "weights": {"num_bits": 2, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64},
+            "weights": {
+                "num_bits": 2,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 64,
+            },
         }
     },
 }
@@ -153,7 +159,10 @@ def test_compensated_model_is_closer_to_dense_than_gptq_alone(compensated, gptq_
     ids = torch.tensor([s["input_ids"] for s in calib])
     with torch.no_grad():
         target = reference(ids).logits
-        gap = {k: float((m(ids).logits - target).pow(2).mean()) for k, m in (("q", gptq_only), ("lr", compensated))}
+        gap = {
+            k: float((m(ids).logits - target).pow(2).mean())
+            for k, m in (("q", gptq_only), ("lr", compensated))
+        }
     assert gap["lr"] < gap["q"]
 
 
@@ -168,7 +177,9 @@ def test_rank_budget_is_respected(compensated, request, tmp_path):
         modules = [m for n, m in layer.named_modules() if n.endswith(PROJ)]
         weights = sum(m.in_features * m.out_features for m in modules)
         float_bits = sum(
-            m.rank * (m.in_features + m.out_features) * 16 for m in modules if isinstance(m, CompensatedLinear)
+            m.rank * (m.in_features + m.out_features) * 16
+            for m in modules
+            if isinstance(m, CompensatedLinear)
         )
         if settings.get("factor_bits") is None:
             assert 0 < float_bits <= budget * weights
@@ -203,7 +214,8 @@ work = sys.argv[1]
 probe = torch.load(f"{work}/probe.pt")
 out = {"blocked": blocked}
 for name in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(f"{work}/{name}", trust_remote_code=True, dtype=torch.float32)
+    folder = f"{work}/{name}"
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         torch.save(model(probe).logits, f"{work}/{name}-stock.pt")
     out[name] = sorted(n for n, _ in model.model.layers[0].self_attn.q_proj.named_children())
@@ -367,4 +379,6 @@ def test_disk_offloaded_model_gets_the_same_factors(compensated, dense, calib, t
     for key, W in computed.items():
         torch.testing.assert_close(reloaded.get_submodule(key).weight.detach(), W, rtol=0, atol=0)
         if key.startswith("model.layers.0."):
-            torch.testing.assert_close(compensated.get_submodule(key).weight.detach(), W, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                compensated.get_submodule(key).weight.detach(), W, rtol=1e-5, atol=1e-6
+            )

@@ -139,7 +139,7 @@ class _Entry:
             config = SVDLLMConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         config = SVDLLMConfig.to_base(config)
         model_class = cls.model_class(config)
-        if not (_ranks(config) or _compensation(config)):  # a plain model (this class stays registered for its config class)
+        if not (_ranks(config) or _compensation(config)):  # a plain model (this class stays registered)
             return model_class.from_pretrained(
                 pretrained_model_name_or_path, *model_args, config=config, **kwargs
             )
@@ -225,7 +225,9 @@ def _factorized_class(base: type, base_model: bool) -> type:
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}
             _factorize(self, ranks)
             compensation = _compensation(config)
-            _compensate(self, {n.removeprefix(prefix): r for n, r in compensation.items() if n.startswith(prefix)})
+            _compensate(
+                self, {n.removeprefix(prefix): r for n, r in compensation.items() if n.startswith(prefix)}
+            )
 
         name = base.__name__
         _CLASSES[key] = type(

@@ -31,7 +31,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import CompensatedLinear, replace_module
-from svdllm_plugin.modifiers.compensation import fit
+from svdllm_plugin.modifiers.compensation import fit, steps
 from svdllm_plugin.modifiers.svd import distributed
 from svdllm_plugin.modifiers.svd.decompose import Factors, whiten_cholesky, whiten_eigh
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
@@ -39,6 +39,16 @@ from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 __all__ = ["LowRankCompensationModifier"]
 
 _FACTOR_NAMES = (".lowrank_l", ".lowrank_r")
+_RULES = {  # field: (valid, what it must be)
+    "rank": (lambda v: v is None or v >= 1, "a positive integer (the rank of L R per matrix)"),
+    "extra_bits": (lambda v: v is None or v > 0, "positive (extra bits per weight, e.g. 0.5)"),
+    "factor_bits": (lambda v: v in (None, 4, 8), "null (float factors), 8 or 4"),
+    "whitening": (lambda v: v in ("cholesky", "eigh"), "'cholesky' or 'eigh'"),
+    **{
+        field: (lambda v: v >= 1, "a positive integer")
+        for field in ("rank_multiple", "factor_group_size", "rounds", "budget_dtype_bits")
+    },
+}
 
 
 class LowRankCompensationModifier(Modifier):
@@ -46,7 +56,7 @@ class LowRankCompensationModifier(Modifier):
 
     :param targets: Linears to compensate (llmcompressor matching: class names, ``re:`` patterns).
     :param ignore: Linears left alone. Default: the (possibly tied) lm_head.
-    :param rank: the same rank r for every matrix (a multiple of nothing; capped at min(m, n)).
+    :param rank: the same rank r for every matrix (capped at min(m, n); ``rank_multiple`` unused).
     :param extra_bits: budget instead of ``rank``: extra stored bits per weight of the targeted
         Linears, spent within each decoder layer on the components that drop the whitened
         residual ||(W - Q - L R) X|| the most per bit. Exactly one of ``rank`` / ``extra_bits``.
@@ -88,39 +98,12 @@ class LowRankCompensationModifier(Modifier):
     def _as_list(cls, value):
         return [value] if isinstance(value, str) else value
 
-    @field_validator("rank")
+    @field_validator(*_RULES)
     @classmethod
-    def _check_rank(cls, value):
-        if value is not None and value < 1:
-            raise ValueError(f"`rank` must be a positive integer (the rank of L R per matrix); got {value}")
-        return value
-
-    @field_validator("extra_bits")
-    @classmethod
-    def _check_extra_bits(cls, value):
-        if value is not None and not value > 0:
-            raise ValueError(f"`extra_bits` must be positive (extra bits per weight, e.g. 0.5); got {value}")
-        return value
-
-    @field_validator("rank_multiple", "factor_group_size", "rounds", "budget_dtype_bits")
-    @classmethod
-    def _check_positive(cls, value, info):
-        if value < 1:
-            raise ValueError(f"`{info.field_name}` must be a positive integer; got {value}")
-        return value
-
-    @field_validator("factor_bits")
-    @classmethod
-    def _check_factor_bits(cls, value):
-        if value not in (None, 4, 8):
-            raise ValueError(f"`factor_bits` must be null (float factors), 8 or 4; got {value}")
-        return value
-
-    @field_validator("whitening")
-    @classmethod
-    def _check_whitening(cls, value):
-        if value not in ("cholesky", "eigh"):
-            raise ValueError(f"`whitening` must be 'cholesky' or 'eigh'; got {value!r}")
+    def _check(cls, value, info):
+        valid, what = _RULES[info.field_name]
+        if not valid(value):
+            raise ValueError(f"`{info.field_name}` must be {what}; got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -145,17 +128,19 @@ class LowRankCompensationModifier(Modifier):
                 f"LowRankCompensationModifier found no Linear modules matching targets={self.targets} "
                 f"(ignore={self.ignore}). Please check `targets` in the recipe."
             )
-        quantized = [(n, m) for n, m in matched if _weight_scheme(m) is not None]
+        quantized = [(n, m) for n, m in matched if steps.weight_scheme(m) is not None]
         if not quantized:
             raise ValueError(
-                f"LowRankCompensationModifier: none of the {len(matched)} matched Linears is quantized; place "
-                "it AFTER a quantization modifier (e.g. GPTQModifier) in the same stage of the recipe"
+                f"LowRankCompensationModifier: none of the {len(matched)} matched Linears is quantized; "
+                "place it AFTER a quantization modifier (e.g. GPTQModifier) in the same stage of the recipe"
             )
         if self.rounds > 1 and distributed.is_distributed():
             raise ValueError("`rounds` > 1 re-quantizes in every process; under torchrun use `rounds: 1`")
         skipped = len(matched) - len(quantized)
         if skipped:
-            logger.info("LowRankCompensationModifier: {} matched Linears are not quantized, left alone", skipped)
+            logger.info(
+                "LowRankCompensationModifier: {} matched Linears are not quantized, left alone", skipped
+            )
         self._linears = dict(quantized)
         self._names = {m: n for n, m in quantized}
         for module in self._linears.values():  # from now on: the quantizer may run its own pass first
@@ -174,9 +159,9 @@ class LowRankCompensationModifier(Modifier):
         if self._W:  # oneshot's default `independent` pipeline: the quantizer had a pass of its own
             megabytes = sum(W.numel() * 4 for W in self._W.values()) / 2**20
             logger.warning(
-                "LowRankCompensationModifier: the quantizer calibrated in a pass of its own, so the original "
-                "weights of {} Linears ({:.0f} MB) were held on the CPU; run oneshot(..., pipeline='sequential') "
-                "to hold one decoder layer at a time",
+                "LowRankCompensationModifier: the quantizer calibrated in a pass of its own, so the "
+                "original weights of {} Linears ({:.0f} MB) were held on the CPU; run "
+                "oneshot(..., pipeline='sequential') to hold one decoder layer at a time",
                 len(self._W),
                 megabytes,
             )
@@ -205,18 +190,7 @@ class LowRankCompensationModifier(Modifier):
         self._collector, self._W = None, {}
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        if self._records:
-            before = sum(r["objective_q"] for r in self._records)
-            after = sum(r["objective"] for r in self._records)
-            extra = sum(r["bits"] for r in self._records) / sum(r["m"] * r["n"] for r in self._records)
-            logger.info(
-                "LowRankCompensationModifier: {} modules, whitened error {:.4g} -> {:.4g}, {:.3f} extra bits "
-                "per weight",
-                len(self._records),
-                before,
-                after,
-                extra,
-            )
+        steps.log_summary(self._records)
         return True
 
     @property
@@ -230,13 +204,15 @@ class LowRankCompensationModifier(Modifier):
         collector = self._collector
         if collector is None:
             return
-        ready = [n for n, m in self._linears.items() if n not in self._done and n in self._W and collector.get(m)]
+        ready = [
+            n for n, m in self._linears.items() if n not in self._done and n in self._W and collector.get(m)
+        ]
         if not ready:
             return
         start = time.perf_counter()
         shapes = {n: (self._linears[n].out_features, self._linears[n].in_features) for n in ready}
         cap = self._cap(ready, shapes)
-        _sum_over_ranks({id(s): s for s in (collector.get(self._linears[n]) for n in ready)}.values())
+        steps.sum_over_ranks({id(s): s for s in (collector.get(self._linears[n]) for n in ready)}.values())
         whitened: dict[int, torch.Tensor] = {}  # one whitening per shared input
         results = {n: self._fit(n, cap[n], whitened) for n in ready}
         ranks = self._ranks(ready, shapes, cap, {n: f.sigma for n, f in results.items()})
@@ -252,13 +228,7 @@ class LowRankCompensationModifier(Modifier):
         if self.rank is not None:
             return {n: min(self.rank, *shapes[n]) for n in ready}
         budget = self.extra_bits * sum(m * n for m, n in shapes.values())
-        caps = {}
-        for name, (m, n) in shapes.items():
-            r = 0
-            while r < min(m, n) and self._bits(m, n, r + 1) <= budget:
-                r += 1
-            caps[name] = r
-        return caps
+        return {name: fit.largest_rank(m, n, budget, self._bits) for name, (m, n) in shapes.items()}
 
     def _bits(self, m: int, n: int, r: int) -> float:
         """Stored bits of rank-r factors of an (m, n) matrix, as this modifier saves them."""
@@ -293,7 +263,7 @@ class LowRankCompensationModifier(Modifier):
         L, R = fit.truncate(factors, r)
         if r and self.rounds > 1:
             E, L, R = self._alternate(name, E, L, R, H)
-        L, R = _same_on_all_ranks(L, R)
+        L, R = steps.same_on_all_ranks(L, R)
         scales = None
         if r and self.factor_bits is not None:  # deterministic from the (identical) L, R and H
             L, scale_L, R, scale_R = fit.quantize_factors(
@@ -307,119 +277,17 @@ class LowRankCompensationModifier(Modifier):
         if r:
             layer = CompensatedLinear.from_linear(linear, L, R)
             if scales is not None:
-                _attach_factor_schemes(layer, self.factor_bits, self.factor_group_size, *scales)
+                steps.attach_factor_schemes(layer, self.factor_bits, self.factor_group_size, *scales)
             replace_module(model, name, layer)
         m, n = linear.out_features, linear.in_features
-        bits = self._bits(m, n, r)
-        self._records.append(
-            dict(name=name, rank=r, m=m, n=n, objective_q=objective_q, objective=objective, bits=bits)
-        )
-        logger.info(
-            "{}: rank {}, whitened error {:.4g} -> {:.4g} ({:.1%}), {:.3f} extra bits/weight, {:.2f}s",
-            name,
-            r,
-            objective_q,
-            objective,
-            objective / max(objective_q, 1e-300),
-            bits / (m * n),
-            seconds,
-        )
+        record = dict(name=name, rank=r, m=m, n=n, objective_q=objective_q, objective=objective)
+        self._records.append(dict(record, bits=self._bits(m, n, r)))
+        steps.log_record(self._records[-1], seconds)
 
     def _alternate(self, name: str, E, L, R, H):
-        """Rounds 2..``rounds``: Q = GPTQ(W - L R), refit L R to W - Q; the best round is kept
-        (its Q written back). Returns (E = W - Q, L, R) of that round."""
+        """Rounds 2..``rounds`` (CALDERA): see ``steps.alternate``."""
         linear = self._linears[name]
-        S = self._whiten(H, name)
-        r = R.shape[0]
-        best = (fit.objective(E, H, L, R), linear.weight.detach().clone(), E, L, R)
-        for _ in range(1, self.rounds):
-            E = self._requantize(name, L, R, H)
-            L, R = fit.truncate(fit.fit_error(E, S, r), r)
-            objective = fit.objective(E, H, L, R)
-            if objective < best[0]:
-                best = (objective, linear.weight.detach().clone(), E, L, R)
-        from svdllm_plugin.offload import write_parameter
-
-        write_parameter(linear, "weight", best[1])
-        return best[2:]
+        return steps.alternate(linear, self._W[name], E, L, R, H, self._whiten(H, name), self.rounds)
 
     def _whiten(self, H: torch.Tensor, name: str) -> torch.Tensor:
         return whiten_eigh(H) if self.whitening == "eigh" else whiten_cholesky(H, name)
-
-    def _requantize(self, name: str, L: torch.Tensor, R: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-        """GPTQ of W - L R with the module's own scales; writes the new Q, returns W - Q_new."""
-        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-        from svdllm_plugin.offload import write_parameter
-
-        linear = self._linears[name]
-        scheme = _weight_scheme(linear)
-        W = self._W[name].to(torch.float64)
-        target = (W - L.to(W.device, torch.float64) @ R.to(W.device, torch.float64)).to(linear.weight.dtype)
-        scale = linear.weight_scale.detach()
-        zero_point = getattr(linear, "weight_zero_point", None)
-        zero_point = zero_point.detach() if zero_point is not None else torch.zeros_like(scale)
-        quantized, _, _ = quantize_weight(
-            weights=target[None].to(scale.device),
-            hessians=(2 * H).to(scale.device, torch.float32)[None],
-            scale=scale[None],
-            zero_point=zero_point[None],
-            global_scale=None,
-            quant_args=scheme,
-        )
-        write_parameter(linear, "weight", quantized[0])
-        return W - linear.weight.detach().to(torch.float64).cpu()
-
-
-def _weight_scheme(module: nn.Module):
-    """The weight QuantizationArgs a quantization modifier attached to ``module`` (or None)."""
-    scheme = getattr(module, "quantization_scheme", None)
-    return getattr(scheme, "weights", None) if scheme is not None else None
-
-
-def _sum_over_ranks(statistics) -> None:
-    """Under torchrun: every rank gets the sums of X X^T and token counts (no-op otherwise)."""
-    if not distributed.is_distributed():
-        return
-    for stats in statistics:
-        tokens = torch.tensor([float(stats.tokens)], dtype=torch.float64)
-        distributed.sum_over_ranks({"H": stats.H, "tokens": tokens})
-        stats.tokens = int(tokens.item())
-
-
-def _same_on_all_ranks(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Under torchrun: rank 0's factors on every rank (each computed them from the same sums)."""
-    if not distributed.is_distributed():
-        return L, R
-    import torch.distributed as dist
-
-    L, R = L.contiguous().clone(), R.contiguous().clone()
-    for tensor in (L, R):
-        distributed._comm(dist.broadcast, tensor, src=0)
-    return L, R
-
-
-def _attach_factor_schemes(layer: CompensatedLinear, bits: int, group_size: int, scale_L, scale_R) -> None:
-    """Give the rounded factors compressed-tensors schemes and their scales, so the save packs them.
-
-    ``lowrank_r``: groups of ``group_size`` input columns (one per row if it does not divide);
-    ``lowrank_l``: one scale per row. The regex targets outrank the quantizer's ``Linear`` class
-    target when transformers' compressed-tensors quantizer reloads the folder.
-    """
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-
-    from svdllm_plugin.offload import write_parameter
-
-    n = layer.in_features
-    for child, suffix, scale, strategy in (
-        (layer.lowrank_r, "lowrank_r", scale_R, "group" if n % group_size == 0 else "channel"),
-        (layer.lowrank_l, "lowrank_l", scale_L, "channel"),
-    ):
-        args = dict(num_bits=bits, type="int", symmetric=True, strategy=strategy)
-        if strategy == "group":
-            args["group_size"] = group_size
-        scheme = QuantizationScheme(targets=[rf"re:.*\.{suffix}$"], weights=QuantizationArgs(**args))
-        initialize_module_for_quantization(child, scheme)
-        write_parameter(child, "weight_scale", scale.reshape(child.weight_scale.shape))
-        child.quantization_status = QuantizationStatus.FROZEN

@@ -25,6 +25,7 @@ __all__ = [
     "fit_error",
     "objective",
     "factor_bits_of",
+    "largest_rank",
     "allocate_ranks",
     "truncate",
     "quantize_symmetric",
@@ -50,7 +51,9 @@ def objective(E: torch.Tensor, H: torch.Tensor, L: torch.Tensor | None = None, R
     return float(((D @ H.to(torch.float64)) * D).sum())
 
 
-def factor_bits_of(m: int, n: int, r: int, factor_bits: int | None, group_size: int, dtype_bits: int = 16) -> float:
+def factor_bits_of(
+    m: int, n: int, r: int, factor_bits: int | None, group_size: int, dtype_bits: int = 16
+) -> float:
     """Stored bits of rank-r factors L (m, r), R (r, n): float entries, or integers plus scales
     (R: one per ``group_for(n, group_size)`` columns of each row; L: one per row)."""
     if r == 0:
@@ -64,6 +67,14 @@ def factor_bits_of(m: int, n: int, r: int, factor_bits: int | None, group_size: 
 def truncate(factors: Factors, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(L (m, r), R (r, n)): the first r components of split-sigma factors."""
     return factors.W_u[:, :r], factors.W_v[:r]
+
+
+def largest_rank(m: int, n: int, budget_bits: float, bits_of) -> int:
+    """The largest r <= min(m, n) with ``bits_of(m, n, r)`` within ``budget_bits``."""
+    r = 0
+    while r < min(m, n) and bits_of(m, n, r + 1) <= budget_bits:
+        r += 1
+    return r
 
 
 def allocate_ranks(
