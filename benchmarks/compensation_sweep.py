@@ -33,6 +33,9 @@ COMPENSATION = {
     "c4b1": dict(extra_bits=0.98, factor_bits=4, budget_dtype_bits=32),  # W2 g64 + 1 bit = W3 g64
     "c4b1r2": dict(extra_bits=0.98, factor_bits=4, budget_dtype_bits=32, rounds=2),
     "c4b05": dict(extra_bits=0.49, factor_bits=4, budget_dtype_bits=32),
+    # bf16 saving: group-192 scales free only 16/64 - 16/192 = 0.167 bits per weight; this budget keeps
+    # the stack no larger than group 64 in both fp32 and bf16 files
+    "c4h": dict(extra_bits=0.16, factor_bits=4),
 }
 
 
