@@ -169,6 +169,20 @@ def single_pass(modifiers) -> bool:
     return all(isinstance(m, SVDLLMModifier) and not m.propagates for m in modifiers)
 
 
+def pipeline_for(modifiers) -> str:
+    """``sequential`` when a compensation step shares its pass with the quantizer (then it holds
+    one decoder layer's original weights at a time), else oneshot's default ``independent``
+    (every modifier in a pass of its own: what SVD and LoRA steps need)."""
+    from svdllm_plugin.modifiers.compensation import LowRankCompensationModifier
+    from svdllm_plugin.modifiers.lora import SequentialLoRAModifier
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
+
+    if any(isinstance(m, (SVDLLMModifier, SequentialLoRAModifier)) for m in modifiers):
+        return "independent"
+    compensates = any(isinstance(m, LowRankCompensationModifier) for m in modifiers)
+    return "sequential" if compensates else "independent"
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
     from svdllm_plugin.modifiers.svd.decompose import params_of
@@ -255,6 +269,7 @@ def compress(
         num_calibration_samples=len(calib),
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
+        pipeline=pipeline_for(modifiers),
     )
     check_applied(modifiers, model_obj, snapshot)  # a modifier that did nothing: refuse to save
     if windows is not None:

@@ -35,7 +35,7 @@ MODEL_TYPE = "svdllm"
 CONFIG_KEY = "svdllm"  # config.json: {"version", "format", "ranks", "base_model_type", ...}
 RUNTIME_KEY = "svdllm_runtime"  # config.json or from_pretrained kwarg: load-time inference options
 
-__all__ = ["SVDLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM"]
+__all__ = ["SVDLinear", "CompensatedLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM"]
 
 
 class SVDLinear(nn.Module):
@@ -55,6 +55,28 @@ class SVDLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.svd_u(self.svd_v(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class CompensatedLinear(nn.Module):
+    """y = base(x) + lowrank_l(lowrank_r(x)): a quantized Linear plus a low-rank term fitted to its
+    quantization error (``svdllm.compensation`` in config.json names these modules and ranks)."""
+
+    def __init__(self, base: nn.Linear, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base = base
+        self.lowrank_r = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)  # (r, n)
+        self.lowrank_l = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)  # (m, r)
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_r.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lowrank_l(self.lowrank_r(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -105,7 +127,8 @@ class _Entry:
     @classmethod
     def model_class(cls, config) -> type:
         base = _base_class(config, cls._names)
-        return _factorized_class(base, cls._names is MODEL_MAPPING_NAMES) if _ranks(config) else base
+        restructured = _ranks(config) or _compensation(config)
+        return _factorized_class(base, cls._names is MODEL_MAPPING_NAMES) if restructured else base
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -116,7 +139,7 @@ class _Entry:
             config = SVDLLMConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         config = SVDLLMConfig.to_base(config)
         model_class = cls.model_class(config)
-        if not _ranks(config):  # a plain model (this class stays registered for its config class)
+        if not (_ranks(config) or _compensation(config)):  # a plain model (this class stays registered)
             return model_class.from_pretrained(
                 pretrained_model_name_or_path, *model_args, config=config, **kwargs
             )
@@ -154,6 +177,24 @@ def _ranks(config) -> dict[str, int]:
     return dict((getattr(config, CONFIG_KEY, None) or {}).get("ranks") or {})
 
 
+def _compensation(config) -> dict[str, int]:
+    return dict((getattr(config, CONFIG_KEY, None) or {}).get("compensation") or {})
+
+
+def _compensate(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Wrap the Linears named in ``svdllm.compensation`` (after ``_factorize``: names may be factors)."""
+    for name, r in ranks.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"config.json names {name} as compensated but the model has {type(linear).__name__}"
+            )
+        W = linear.weight
+        layer = CompensatedLinear(linear, r, device=W.device, dtype=W.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
 def _base_class(config, names: dict[str, str]) -> type:
     name = names.get(config.model_type)
     if name is None or not hasattr(transformers, name):
@@ -183,6 +224,10 @@ def _factorized_class(base: type, base_model: bool) -> type:
             prefix = f"{base.base_model_prefix}." if base_model else ""
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}
             _factorize(self, ranks)
+            compensation = _compensation(config)
+            _compensate(
+                self, {n.removeprefix(prefix): r for n, r in compensation.items() if n.startswith(prefix)}
+            )
 
         name = base.__name__
         _CLASSES[key] = type(
