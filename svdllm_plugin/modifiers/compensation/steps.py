@@ -16,7 +16,7 @@ from torch import nn
 
 from svdllm_plugin.layers import CompensatedLinear
 from svdllm_plugin.modifiers.compensation import fit
-from svdllm_plugin.modifiers.svd import distributed
+from svdllm_plugin import distributed
 from svdllm_plugin.offload import write_parameter
 
 __all__ = [
