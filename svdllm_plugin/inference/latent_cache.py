@@ -35,7 +35,6 @@ Only torch and transformers are imported (the file can sit in a checkpoint folde
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 from torch import nn
@@ -95,7 +94,7 @@ def _rope_of(attn: nn.Module):
         )
     if not getattr(attn, "use_rope", True):
         return None
-    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return type(attn).forward.__globals__["apply_rotary_pos_emb"]  # what its own forward calls
 
 
 def _record(slot: str, attn: nn.Module, module, args):
