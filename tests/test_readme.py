@@ -19,7 +19,9 @@ TEXT = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
 
 def blocks(language: str) -> list[str]:
     return [
-        code for text in TEXT.values() for code in re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+        code
+        for text in TEXT.values()
+        for code in re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
     ]
 
 
