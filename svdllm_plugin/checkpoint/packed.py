@@ -31,7 +31,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
 
-def save_packed(model, folder: Path) -> None:
+def save_packed(model, folder: Path, cast=None) -> None:
     """Write a quantized model into ``folder`` as compressed-tensors pack-quantized.
 
     The three steps of llmcompressor's ``save_pretrained`` wrapper, called directly:
@@ -40,13 +40,15 @@ def save_packed(model, folder: Path) -> None:
     reloaded model it tries to parse a recipe.yaml that llmcompressor's own loader rejects.
 
     Side effect (compressed-tensors' design): the model's Linears are compressed in place and
-    decompress again on the next forward pass; the values are unchanged.
+    decompress again on the next forward pass; the values are unchanged. ``cast`` maps the
+    compressed state dict to the one written (e.g. float tensors to bf16).
     """
     from compressed_tensors.compressors import ModelCompressor
 
     compressor = ModelCompressor.from_pretrained_model(model)  # int weight-only infers pack-quantized
     compressor.compress_model(model, skip_compressed=True)
-    type(model).save_pretrained(model, folder)  # the class method: skips an instance-level wrapper
+    state = cast(model.state_dict()) if cast is not None else None
+    type(model).save_pretrained(model, folder, state_dict=state)  # the class method: skips a wrapper
     compressor.update_config(folder)
 
 
@@ -102,6 +104,8 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
                 "rebuild the SVDLinear structure with the ranks saved in config.json"
             )
         kept = {k: v for k, v in get_direct_state_dict(module).items() if k != "weight"}  # e.g. bias=None
+        # scales saved in bf16 are widened first: q x scale is then exact in the model's dtype
+        local = {k: v.to(module.weight.dtype) if v.is_floating_point() else v for k, v in local.items()}
         replace_direct_state_dict(module, {**kept, **local})
         module.quantization_status = QuantizationStatus.COMPRESSED
         loaded.update(f"{name}.{k}" for k in local)
