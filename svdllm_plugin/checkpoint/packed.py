@@ -83,6 +83,7 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
             f"SVDLinear {pending[0]} is pending; call .activate() or build it with SVDLinear(...)"
         )
     qconfig = QuantizationConfig.model_validate(qdict)
+    transforms = _apply_transforms(model, qdict.get("transform_config"))
     apply_quantization_config(model, qconfig, show_progress=False)
 
     state = read_safetensors(folder)
@@ -112,7 +113,7 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
 
     rest = {k: v for k, v in state.items() if k not in loaded}
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k not in loaded and k not in tied_keys(model)]
+    missing = [k for k in missing if k not in loaded and k not in tied_keys(model) and not transforms(k)]
     if missing or unexpected:
         raise ValueError(
             f"{folder} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -123,3 +124,18 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
     modules = {k.rpartition(".")[0] for k in loaded}
     logger.info("Loaded {} packed quantized Linears from {}", len(modules), folder)
     return model
+
+
+def _apply_transforms(model: nn.Module, transform_config: dict | None):
+    """Attach the saved compressed-tensors transforms (QuIP / SpinQuant rotations) before the weights
+    load: the online ones (``v_input``, ...) become modules whose matrices the checkpoint holds once
+    per size; the fused ones change the freshly built weights, which the checkpoint then overwrites.
+    Returns a predicate: is this state-dict key a shared transform matrix the file stores elsewhere."""
+    if not transform_config:
+        return lambda key: False
+    from compressed_tensors.transform import TransformBase, TransformConfig, apply_transform_config
+
+    apply_transform_config(model, TransformConfig.model_validate(transform_config))
+    names = {name for name, m in model.named_modules() if isinstance(m, TransformBase)}
+    logger.info("Attached {} transforms from the checkpoint's transform_config", len(names))
+    return lambda key: key.rpartition(".")[0] in names

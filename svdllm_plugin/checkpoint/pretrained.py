@@ -92,7 +92,11 @@ def _cast_floats(state: dict, dtype: torch.dtype | None) -> dict:
     done: dict[tuple, torch.Tensor] = {}
     out = {}
     for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.device.type == "meta":
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or tensor.device.type == "meta"
+        ):
             out[key] = tensor
             continue
         alias = (tensor.untyped_storage().data_ptr(), tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
