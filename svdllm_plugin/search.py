@@ -89,10 +89,11 @@ class Candidate:
     comp_rank: int = 0
     recipe_text: str | None = None
     extra_bits: float = 0.0  # added to the prediction (what the formula cannot see)
+    svd_best: bool = False  # the best whitening configuration measured: Fisher rows + update + intra_layer
 
     @property
     def name(self) -> str:
-        parts = [f"SVD {self.ratio:g}"] if self.ratio else []
+        parts = [f"SVD {self.ratio:g}{' best' if self.svd_best else ''}"] if self.ratio else []
         parts += ["QuIP"] if self.transform else []
         parts.append(f"GPTQ W{self.bits} g{self.group_size}")
         parts += [f"comp r{self.comp_rank}"] if self.comp_rank else []
@@ -116,6 +117,9 @@ class Candidate:
                 f"      rank_multiple: {self.group_size}",
                 '      ignore: ["re:.*lm_head"]',
             ]
+            if self.svd_best:
+                lines += ["      row_weighting: fisher", "      fisher_batches: 16", "      update: input"]
+                lines += ["      intra_layer: true"]
         lines += [
             "    GPTQModifier:",
             '      ignore: ["re:.*lm_head"]',

@@ -150,7 +150,7 @@ def _refuse_transforms(config, folder) -> None:
         raise ValueError(
             f"{folder} holds compressed-tensors transforms (transform_config), which this transformers "
             f"{transformers.__version__} does not apply; load it with "
-            f" svdllm_plugin.checkpoint.load_pretrained"
+            f"svdllm_plugin.checkpoint.load_pretrained"
         )
 
 
