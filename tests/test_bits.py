@@ -22,7 +22,9 @@ def gptq(bits=4, group=64, targets="Linear"):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     weights = dict(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
-    return GPTQModifier(config_groups={"g": dict(targets=[targets], weights=weights)}, ignore=["re:.*lm_head"])
+    return GPTQModifier(
+        config_groups={"g": dict(targets=[targets], weights=weights)}, ignore=["re:.*lm_head"]
+    )
 
 
 def rounded(model, dtype=torch.bfloat16):
@@ -62,7 +64,9 @@ def test_dense_bits_and_bytes(tiny, tmp_path):
     norms = 64 * (2 * 2 + 1)
     assert bf16["other_bytes"] == 2 * (embedding + norms)
     assert fp32["other_bytes"] == 2 * bf16["other_bytes"]
-    assert 0 < bf16["safetensors_bytes"] - (bf16["other_bytes"] + bf16["decoder_linear_bytes"]) < 10_000  # header
+    assert (
+        0 < bf16["safetensors_bytes"] - (bf16["other_bytes"] + bf16["decoder_linear_bytes"]) < 10_000
+    )  # header
     assert "lm_head.weight" not in tensor_bytes(tmp_path / "bf16")  # casting kept the tie
 
 
@@ -146,6 +150,8 @@ def test_quip_transforms_reload_through_the_plugin(tiny_dir, calib, probe, tmp_p
     assert size["decoder_linear_bytes"] == w4_fp32 + rotations
     reloaded = load_pretrained(folder)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(probe).logits, logits, atol=1e-5, rtol=0)  # fp64 -> fp32 rotations
+        torch.testing.assert_close(
+            reloaded(probe).logits, logits, atol=1e-5, rtol=0
+        )  # fp64 -> fp32 rotations
     with pytest.raises(ValueError, match="transform_config"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
