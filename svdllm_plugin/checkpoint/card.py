@@ -82,9 +82,10 @@ def write_model_card(
             f"| safetensors bytes (float tensors in {record.get('save_dtype') or 'the model dtype'}) | "
             f"| {size['safetensors_bytes']:,} |"
         )
+    split = f"{record['eval_split']} split, " if record.get("eval_split") else ""
     if record.get("ppl_before") is not None or record.get("ppl_after") is not None:
         lines.append(
-            f"| held-out perplexity ({record.get('eval_split', 'evaluation')} split, measured by the run) "
+            f"| held-out perplexity ({split}measured by the run) "
             f"| {_num(record.get('ppl_before'))} | "
             f"{_num(record.get('ppl_after'))} |"
         )
