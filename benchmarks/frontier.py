@@ -11,6 +11,7 @@ all points. Writes benchmarks/results/frontier.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -87,9 +88,18 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--name", default="frontier")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense fp32 row")
+    parser.add_argument(
+        "--points",
+        nargs="*",
+        default=None,
+        help="the honest frontier (stack_points.py): bf16 checkpoints, bits per decoder-Linear weight, "
+        "validation and test perplexities in and out of domain; e.g. W4 Q+W3 S0.2b+W4 W2+C32",
+    )
     args = parser.parse_args()
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
+    if args.points is not None:
+        return honest(bench, args)
     rows = []
     if not args.no_dense:
         rows.append(
@@ -161,6 +171,71 @@ def main() -> None:
     print(table)
     save(args.name, dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
     plot(rows, args.name)
+
+
+HONEST_COLUMNS = ["point", "bits", "MB", "ppl_val", "ppl_test", "ppl_other_val", "ppl_other_test", "seconds"]
+
+
+def honest(bench, args) -> None:
+    """One process, one calibration set, every point of ``--points`` (and the dense bf16 model)."""
+    from stack_points import held_out, measure, run_point
+
+    windows = held_out(bench, count=args.eval_windows)
+    rows = []
+    if not args.no_dense:
+        rows.append(dict(point="dense", name="dense bf16", wbits=16, ratio=0.0, seconds=0.0))
+        rows[-1].update(measure(bench.model, bench.tokenizer, windows))
+        print(markdown(rows, HONEST_COLUMNS), flush=True)
+    for spec in args.points:
+        try:
+            rows.append(run_point(bench, spec, windows, run_recipe))
+        except Exception as error:  # noqa: BLE001  (a point that cannot run is reported, not fatal)
+            rows.append(dict(point=spec, error=str(error).splitlines()[0][:200]))
+        print(markdown(rows[-1:], HONEST_COLUMNS + ["error"]), flush=True)
+        save(args.name, dict(args=vars(args), rows=rows))
+    table = markdown(rows, HONEST_COLUMNS + (["error"] if any("error" in r for r in rows) else []))
+    print(table)
+    save(args.name, dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
+    plot_honest([r for r in rows if "error" not in r], args.name)
+
+
+def plot_honest(rows: list[dict], name: str) -> None:
+    """bits per decoder-Linear weight vs test perplexity, in domain (left) and out (right); for every
+    GPTQ point, the stacked points at no more bits that beat it are drawn as dominating it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["point"] != "dense" and r["ppl_test"] < 1e4]
+    plain = [r for r in rows if re.fullmatch(r"W\d(g\d+)?", r["point"])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, key, label in zip(axes, ("ppl_test", "ppl_other_test"), ("calibration domain", "other domain")):
+        kinds = [
+            ("GPTQ", lambda p: re.fullmatch(r"W\d(g\d+)?", p), "o"),
+            ("QuIP + GPTQ", lambda p: p.startswith("Q+"), "^"),
+            ("SVD + GPTQ", lambda p: p.startswith("S"), "s"),
+            ("GPTQ + compensation", lambda p: "+C" in p and not p.startswith("S"), "D"),
+        ]
+        for legend, pick, marker in kinds:
+            pts = sorted((r["bits"], r[key]) for r in rows if pick(r["point"]))
+            if pts:
+                ax.plot(*zip(*pts), marker, label=legend)
+        for r in rows:
+            ax.annotate(
+                r["point"], (r["bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+        for base in plain:  # a stacked point dominates this GPTQ point: no more bits, lower perplexity
+            if any(r not in plain and r["bits"] <= base["bits"] and r[key] < base[key] for r in rows):
+                ax.plot([base["bits"]], [base[key]], "o", mfc="none", mec="red", ms=12)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per decoder-Linear weight (everything counted)")
+        ax.set_ylabel(f"test perplexity, {label} (log)")
+    axes[0].set_title("SmolLM2-135M (red ring: a stack dominates this GPTQ point)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 def plot(rows: list[dict], name: str = "frontier") -> None:

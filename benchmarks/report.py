@@ -90,9 +90,30 @@ def frontier() -> None:
     plot_frontier(rows, "frontier")
 
 
+def honest_frontier() -> None:
+    """The issue-17 frontier (frontier.py --points): every frontier_17*.json run as one table (bf16
+    checkpoints, bits per decoder-Linear weight, validation and test perplexities in and out of
+    domain) and frontier_17.png; a point measured twice keeps its first run."""
+    from frontier import HONEST_COLUMNS, plot_honest
+
+    rows = {}
+    for path in sorted(RESULTS.glob("frontier_17*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            if "error" not in row:
+                rows.setdefault(row["point"], row)
+    if not rows:
+        return
+    ordered = sorted(rows.values(), key=lambda r: -r["bits"])
+    print("### frontier_17 (choose on ppl_val, read ppl_test)\n")
+    print(markdown(ordered, HONEST_COLUMNS))
+    print()
+    plot_honest(ordered, "frontier_17")
+
+
 if __name__ == "__main__":
     methods()
     frontier()
+    honest_frontier()
     table("lora_other", ["variant", "ppl", "ppl_other", "seconds", "rounds"])
     table("lora", ["variant", "ppl", "seconds", "rounds"])
     reference()

@@ -97,10 +97,35 @@ def _compress_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--device", default=None, help="device for evaluation (default: cuda if available)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--save-dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="dtype of the saved float tensors (embeddings, norms, float factors, scales); default bf16",
+    )
+    c.add_argument(
+        "--eval-split",
+        choices=["test", "validation"],
+        default="test",
+        help="which half of the held-out windows the perplexities are of (default: test)",
+    )
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-bits",
+        default=None,
+        help="search stacks for the best validation perplexity at <= B bits per decoder-Linear weight",
+    )
+    budget.add_argument(
+        "--target-size", default=None, help="the same within a safetensors size (120MB, 0.1GB, 90MiB)"
+    )
     return c
 
 
 def _compress(args) -> str:
+    if args.target_bits is not None or args.target_size is not None:
+        from svdllm_plugin.search import run_cli
+
+        return run_cli(args)
     from svdllm_plugin.compress import compress
 
     report = compress(
@@ -114,6 +139,8 @@ def _compress(args) -> str:
         overwrite=args.overwrite,
         device=args.device,
         seed=args.seed,
+        save_dtype=args.save_dtype,
+        eval_split=args.eval_split,
     )
     return report.table()
 

@@ -16,6 +16,7 @@ from loguru import logger
 
 from svdllm_plugin.atomic import check_output_dir
 from svdllm_plugin.checkpoint import save_pretrained
+from svdllm_plugin.checkpoint.pretrained import check_save_dtype
 from svdllm_plugin.layers import SVDLinear
 
 __all__ = [
@@ -53,6 +54,9 @@ class CompressionReport:
     seconds: float = 0.0
     peak_memory_gib: float = 0.0
     modules: int = 0
+    eval_split: str = "test"  # which held-out split the perplexities are of (svdllm_plugin.data)
+    size: dict = field(default_factory=dict)  # svdllm_plugin.checkpoint.bits.checkpoint_bits of the output
+    save_dtype: str | None = None
     extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
@@ -77,8 +81,14 @@ class CompressionReport:
                 f"{self.params_model_after:,}",
                 reduction(self.params_model_before, self.params_model_after),
             ),
-            ("held-out perplexity", ppl(self.ppl_before), ppl(self.ppl_after), ""),
-            ("other-domain perplexity", ppl(self.ppl_other_before), ppl(self.ppl_other_after), OTHER_DOMAIN),
+            ("held-out perplexity", ppl(self.ppl_before), ppl(self.ppl_after), f"{self.eval_split} split"),
+            (
+                "other-domain perplexity",
+                ppl(self.ppl_other_before),
+                ppl(self.ppl_other_after),
+                f"{OTHER_DOMAIN}, {self.eval_split} split",
+            ),
+            *self._size_rows(),
             ("time", f"{self.seconds:.1f} s", "", ""),
             ("peak memory", f"{self.peak_memory_gib:.2f} GiB", "", ""),
             ("output", self.output, "", ""),
@@ -88,6 +98,20 @@ class CompressionReport:
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in [header] + rows]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
         return "\n".join(lines)
+
+    def _size_rows(self) -> list[tuple[str, str, str, str]]:
+        if not self.size:
+            return []
+        dtype = f"float tensors in {self.save_dtype}" if self.save_dtype else "float tensors as in memory"
+        return [
+            ("safetensors bytes", "", f"{self.size['safetensors_bytes']:,}", dtype),
+            (
+                "bits per decoder-Linear weight",
+                "",
+                f"{self.size['decoder_linear_bits']:.3f}",
+                "everything under each Linear",
+            ),
+        ]
 
 
 def default_device() -> str:
@@ -215,14 +239,17 @@ def compress(
     overwrite: bool = False,
     device: str | None = None,
     seed: int = 0,
+    save_dtype: str | None = "bf16",
+    eval_split: str = "test",
 ) -> CompressionReport:
     """Compress ``model`` with ``recipe`` on ``dataset`` and save it to ``output``.
 
     Every input is checked before the slow work starts; the output folder appears only
-    when everything succeeded.
+    when everything succeeded. Perplexities are of the ``eval_split`` ("test" or "validation")
+    half of the held-out windows (:func:`svdllm_plugin.data.held_out_splits`); ``save_dtype``
+    (bf16, fp16, fp32, None: as in memory) is how the float tensors are written.
     """
-    from svdllm_plugin.data import calibration_dataset, load_text
-    from svdllm_plugin.data import eval_windows as make_windows
+    from svdllm_plugin.data import calibration_dataset, held_out_splits, load_text
     from svdllm_plugin.evaluate import perplexity
     from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
     from svdllm_plugin.recipe_checks import check_against_model, check_applied, model_snapshot
@@ -233,6 +260,8 @@ def compress(
     check_output_dir(output, overwrite, inputs=_inputs(model=model, dataset=dataset, recipe=recipe))
     _check_counts(num_samples, seq_len, eval_windows)
     device = check_device(device)
+    check_save_dtype(save_dtype)
+    _check_split(eval_split)
     path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
     check_seq_len(path, seq_len)
@@ -246,9 +275,9 @@ def compress(
     calib = distributed.rank_partition(calib)  # this rank's share under torchrun
     windows = other = None
     if eval_windows:
-        windows = make_windows(tokenizer, eval_text, seq_len, eval_windows, option="--eval-windows")
-        other = _other_domain_windows(tokenizer, seq_len, eval_windows)
-    report = CompressionReport(model=model, output=str(output))
+        windows = held_out_splits(tokenizer, eval_text, seq_len, eval_windows)[eval_split]
+        other = _other_domain_windows(tokenizer, seq_len, eval_windows, eval_split)
+    report = CompressionReport(model=model, output=str(output), eval_split=eval_split, save_dtype=save_dtype)
     report.params_model_before = sum(p.numel() for p in {id(p): p for p in model_obj.parameters()}.values())
 
     if windows is not None:
@@ -292,10 +321,16 @@ def compress(
             "ppl_after": report.ppl_after,
             "ppl_other_before": report.ppl_other_before,
             "ppl_other_after": report.ppl_other_after,
+            "eval_split": eval_split,
         },
         recipe=recipe_text,
         base_model=model,
+        save_dtype=save_dtype,
     )
+    if (Path(output) / "config.json").is_file():  # every rank but the writer of a torchrun job: absent
+        from svdllm_plugin.checkpoint.format import CONFIG_KEY, read_config
+
+        report.size = read_config(output)[CONFIG_KEY].get("size") or {}
     report.seconds = time.perf_counter() - start
     report.peak_memory_gib = peak_memory_gib()
     return report
@@ -306,13 +341,20 @@ def _inputs(**paths: str | None) -> list[tuple[str, str]]:
     return [(what, p) for what, p in paths.items() if p and Path(p).expanduser().exists()]
 
 
-def _other_domain_windows(tokenizer, seq_len: int, count: int):
-    """Windows of another domain than the calibration text (the installed packages' license
-    prose), to show calibration over-fitting; None, with a log line, where there is none."""
-    from svdllm_plugin.data import other_domain_text, spread_windows
+def _check_split(split: str) -> None:
+    from svdllm_plugin.data import HELD_OUT_SPLITS
+
+    if split not in HELD_OUT_SPLITS:
+        raise ValueError(f"--eval-split must be one of {', '.join(HELD_OUT_SPLITS)}; got {split!r}")
+
+
+def _other_domain_windows(tokenizer, seq_len: int, count: int, split: str = "test"):
+    """The ``split`` windows of another domain than the calibration text (the installed packages'
+    license prose), to show calibration over-fitting; None, with a log line, where there is none."""
+    from svdllm_plugin.data import other_domain_text, spread_splits
 
     try:
-        return spread_windows(tokenizer, other_domain_text(), seq_len, count)
+        return spread_splits(tokenizer, other_domain_text(), seq_len, count)[split]
     except (FileNotFoundError, ValueError) as error:
         logger.warning("no other-domain perplexity: {}", error)
         return None

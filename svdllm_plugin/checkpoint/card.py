@@ -73,9 +73,21 @@ def write_model_card(
             f"| weight bytes | {params['bytes_before']:,} (dense, in memory) "
             f"| {bytes_after:,} (safetensors) |"
         )
+    size = record.get("size") or {}
+    if size:
+        lines.append(
+            f"| bits per decoder-Linear weight (everything under each Linear: packed weights, scales, "
+            f"zero points, factors) | | {size['decoder_linear_bits']:.3f} |"
+        )
+        lines.append(
+            f"| safetensors bytes (float tensors in {record.get('save_dtype') or 'the model dtype'}) | "
+            f"| {size['safetensors_bytes']:,} |"
+        )
+    split = f"{record['eval_split']} split, " if record.get("eval_split") else ""
     if record.get("ppl_before") is not None or record.get("ppl_after") is not None:
         lines.append(
-            f"| held-out perplexity (measured by the run) | {_num(record.get('ppl_before'))} | "
+            f"| held-out perplexity ({split}measured by the run) "
+            f"| {_num(record.get('ppl_before'))} | "
             f"{_num(record.get('ppl_after'))} |"
         )
     if record.get("ppl_other_before") is not None or record.get("ppl_other_after") is not None:

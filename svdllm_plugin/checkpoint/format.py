@@ -123,17 +123,21 @@ def base_config(folder):
     return config
 
 
-def write_config(folder: Path, record: dict) -> None:
+def write_config(folder: Path, record: dict, dtype: torch.dtype | None = None) -> None:
     """Put ``record`` and the stock-loading entries into ``folder``/config.json; copy the modeling files.
 
     Written into the saved file itself: llmcompressor's save wrapper and transformers both
     rewrite config.json from the model's config object, which does not carry our keys reliably.
+    ``dtype``: the float dtype the tensors were written in (config.json ``dtype``, which
+    ``from_pretrained(dtype="auto")`` loads them as).
     """
     folder = Path(folder)
     config = read_config(folder)
     config.pop(CONFIG_KEY, None)
     config.update(model_type=MODEL_TYPE, architectures=["SVDLLMForCausalLM"], auto_map=dict(AUTO_MAP))
     config[CONFIG_KEY] = record
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     package = Path(__file__).parents[1]
     for name, source in MODELING_FILES.items():

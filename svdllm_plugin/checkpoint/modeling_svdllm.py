@@ -138,6 +138,7 @@ class _Entry:
             }
             config = SVDLLMConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
         config = SVDLLMConfig.to_base(config)
+        _refuse_transforms(config, pretrained_model_name_or_path)
         model_class = cls.model_class(config)
         if not (_ranks(config) or _compensation(config)):  # a plain model (this class stays registered)
             return model_class.from_pretrained(
@@ -158,6 +159,22 @@ class _Entry:
         return cls.model_class(config)._from_config(config, **kwargs)
 
     from_config = _from_config
+
+
+def _refuse_transforms(config, folder) -> None:
+    """transformers' compressed-tensors quantizer does not apply saved transforms (QuIP / SpinQuant
+    rotations): loading such a folder here would compute with rotated weights and no rotation."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        transforms = quantization.get("transform_config")
+    else:
+        transforms = getattr(quantization, "transform_config", None)
+    if transforms:
+        raise ValueError(
+            f"{folder} holds compressed-tensors transforms (transform_config), which this transformers "
+            f"{transformers.__version__} does not apply; load it with "
+            f"svdllm_plugin.checkpoint.load_pretrained"
+        )
 
 
 class SVDLLMModel(_Entry):

@@ -31,7 +31,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
 
 
-def save_packed(model, folder: Path) -> None:
+def save_packed(model, folder: Path, cast=None) -> None:
     """Write a quantized model into ``folder`` as compressed-tensors pack-quantized.
 
     The three steps of llmcompressor's ``save_pretrained`` wrapper, called directly:
@@ -40,7 +40,8 @@ def save_packed(model, folder: Path) -> None:
     reloaded model it tries to parse a recipe.yaml that llmcompressor's own loader rejects.
 
     Side effect (compressed-tensors' design): the model's Linears are compressed in place and
-    decompress again on the next forward pass; the values are unchanged.
+    decompress again on the next forward pass; the values are unchanged. ``cast`` maps the
+    compressed state dict to the one written (e.g. float tensors to bf16).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.offload import as_single_threaded
@@ -51,7 +52,8 @@ def save_packed(model, folder: Path) -> None:
     # compressed-tensors' own decompress-on-forward hook does for a subset of ranks.
     with as_single_threaded():
         compressor.compress_model(model, skip_compressed=True)
-    type(model).save_pretrained(model, folder)  # the class method: skips an instance-level wrapper
+    state = cast(model.state_dict()) if cast is not None else None
+    type(model).save_pretrained(model, folder, state_dict=state)  # the class method: skips a wrapper
     compressor.update_config(folder)
 
 
@@ -86,6 +88,7 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
             f"SVDLinear {pending[0]} is pending; call .activate() or build it with SVDLinear(...)"
         )
     qconfig = QuantizationConfig.model_validate(qdict)
+    transforms = _apply_transforms(model, qdict.get("transform_config"))
     apply_quantization_config(model, qconfig, show_progress=False)
 
     state = read_safetensors(folder)
@@ -107,13 +110,15 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
                 "rebuild the SVDLinear structure with the ranks saved in config.json"
             )
         kept = {k: v for k, v in get_direct_state_dict(module).items() if k != "weight"}  # e.g. bias=None
+        # scales saved in bf16 are widened first: q x scale is then exact in the model's dtype
+        local = {k: v.to(module.weight.dtype) if v.is_floating_point() else v for k, v in local.items()}
         replace_direct_state_dict(module, {**kept, **local})
         module.quantization_status = QuantizationStatus.COMPRESSED
         loaded.update(f"{name}.{k}" for k in local)
 
     rest = {k: v for k, v in state.items() if k not in loaded}
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k not in loaded and k not in tied_keys(model)]
+    missing = [k for k in missing if k not in loaded and k not in tied_keys(model) and not transforms(k)]
     if missing or unexpected:
         raise ValueError(
             f"{folder} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -124,3 +129,18 @@ def load_packed_weights(model: nn.Module, folder) -> nn.Module:
     modules = {k.rpartition(".")[0] for k in loaded}
     logger.info("Loaded {} packed quantized Linears from {}", len(modules), folder)
     return model
+
+
+def _apply_transforms(model: nn.Module, transform_config: dict | None):
+    """Attach the saved compressed-tensors transforms (QuIP / SpinQuant rotations) before the weights
+    load: the online ones (``v_input``, ...) become modules whose matrices the checkpoint holds once
+    per size; the fused ones change the freshly built weights, which the checkpoint then overwrites.
+    Returns a predicate: is this state-dict key a shared transform matrix the file stores elsewhere."""
+    if not transform_config:
+        return lambda key: False
+    from compressed_tensors.transform import TransformBase, TransformConfig, apply_transform_config
+
+    apply_transform_config(model, TransformConfig.model_validate(transform_config))
+    names = {name for name, m in model.named_modules() if isinstance(m, TransformBase)}
+    logger.info("Attached {} transforms from the checkpoint's transform_config", len(names))
+    return lambda key: key.rpartition(".")[0] in names

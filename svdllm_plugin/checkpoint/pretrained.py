@@ -16,11 +16,23 @@ from torch import nn
 
 from svdllm_plugin.atomic import atomic_output_dir
 from svdllm_plugin.checkpoint import format as fmt
+from svdllm_plugin.checkpoint.bits import checkpoint_bits
 from svdllm_plugin.checkpoint.card import write_model_card
 from svdllm_plugin.checkpoint.packed import is_quantized, load_packed_weights, save_packed
 from svdllm_plugin.layers import CompensatedLinear, SVDLinear, factorized_ranks, replace_module
 
-__all__ = ["save_pretrained", "load_pretrained", "factorize_structure", "compensate_structure"]
+__all__ = [
+    "save_pretrained",
+    "load_pretrained",
+    "factorize_structure",
+    "compensate_structure",
+    "SAVE_DTYPES",
+    "check_save_dtype",
+]
+
+# --save-dtype: how the float tensors (embeddings, norms, lm_head, float factors, quantization scales)
+# are stored; packed integers keep their own dtype. bf16 is what a deployment stores.
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def save_pretrained(
@@ -31,14 +43,19 @@ def save_pretrained(
     extra: dict | None = None,
     recipe: str | None = None,
     base_model: str | None = None,
+    save_dtype: str | None = None,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) to ``output_dir`` atomically, dense or packed.
 
     ``extra`` is stored in config.json's ``svdllm`` record (e.g. ``ppl_before``, ``ppl_after``)
     and shown in the model card; ``recipe`` (YAML text) is written as recipe.yaml (default:
     llmcompressor's active recipe, when one is there); ``base_model`` names the original model in
-    the card (default: the model's ``name_or_path``). Refuses pending (never calibrated) layers.
+    the card (default: the model's ``name_or_path``). ``save_dtype`` (``bf16``, ``fp16``, ``fp32``;
+    default None: the model's own dtypes) casts every float tensor as it is written, the model in
+    memory is unchanged. Refuses pending (never calibrated) layers. The record gets the folder's
+    byte and bits-per-weight accounting (:func:`svdllm_plugin.checkpoint.bits.checkpoint_bits`).
     """
+    dtype = check_save_dtype(save_dtype)
     pending = [n for n, m in model.named_modules() if isinstance(m, SVDLinear) and m.pending]
     if pending:
         raise RuntimeError(f"{len(pending)} SVDLinear layers were never calibrated (e.g. {pending[0]})")
@@ -49,16 +66,51 @@ def save_pretrained(
     base_model = base_model or getattr(model.config, "_name_or_path", "") or "unknown"
     with atomic_output_dir(output_dir, overwrite) as tmp:
         if kind == fmt.PACKED:
-            save_packed(model, tmp)
-        else:
-            type(model).save_pretrained(model, tmp)  # the class method: skips llmcompressor's wrapper
-        fmt.write_config(tmp, record)
+            save_packed(model, tmp, cast=lambda state: _cast_floats(state, dtype))
+        else:  # the class method: skips llmcompressor's wrapper
+            type(model).save_pretrained(model, tmp, state_dict=_cast_floats(model.state_dict(), dtype))
+        if dtype is not None:
+            record["save_dtype"] = save_dtype
+        record["size"] = checkpoint_bits(tmp, config=model.config)
+        fmt.write_config(tmp, record, dtype=dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_recipe(tmp, recipe)
         write_model_card(tmp, record, base_model=base_model, params=params, name=Path(output_dir).name)
     logger.info("Saved {} factorized modules ({}) to {}", len(ranks), kind, output_dir)
     return Path(output_dir)
+
+
+def check_save_dtype(save_dtype: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``--save-dtype`` name (None: keep the model's dtypes)."""
+    if save_dtype is None:
+        return None
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}; got {save_dtype!r}")
+    return SAVE_DTYPES[save_dtype]
+
+
+def _cast_floats(state: dict, dtype: torch.dtype | None) -> dict:
+    """``state`` with its float tensors in ``dtype``; tensors that share storage (tied embeddings)
+    still share it afterwards, so transformers drops the tied copy as before. Integer tensors (packed
+    weights, zero points) and offloaded (meta) tensors are kept as they are."""
+    if dtype is None:
+        return state
+    done: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, tensor in state.items():
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or tensor.device.type == "meta"
+        ):
+            out[key] = tensor
+            continue
+        alias = (tensor.untyped_storage().data_ptr(), tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if alias not in done:
+            done[alias] = tensor.detach().to(dtype)
+        out[key] = done[alias]
+    return out
 
 
 def load_pretrained(path, dtype: torch.dtype = torch.float32, **kwargs):

@@ -4,11 +4,13 @@
   dealt into calibration / evaluation modules) and the other-domain text (license prose);
 - ``sources.py``: ``load_text``, which picks the embedded text, a user file or a hub dataset;
 - ``windows.py``: token windows (calibration samples, evaluation windows) and the one check
-  of a window length.
+  of a window length;
+- ``splits.py``: disjoint validation / test windows (choose on one, report on the other).
 """
 
 from svdllm_plugin.data.embedded import EMBEDDED, SPLITS, embedded_text, other_domain_text
 from svdllm_plugin.data.sources import load_text
+from svdllm_plugin.data.splits import HELD_OUT_SPLITS, held_out_splits, spread_splits
 from svdllm_plugin.data.windows import calibration_dataset, check_seq_len, eval_windows, spread_windows
 
 __all__ = [
@@ -21,4 +23,7 @@ __all__ = [
     "eval_windows",
     "other_domain_text",
     "spread_windows",
+    "HELD_OUT_SPLITS",
+    "held_out_splits",
+    "spread_splits",
 ]
