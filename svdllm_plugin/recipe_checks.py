@@ -180,7 +180,7 @@ def check_against_model(modifiers, model: nn.Module) -> None:
     from compressed_tensors.utils import match_named_modules, match_targets
 
     from svdllm_plugin.layers import SVDLinear
-    from svdllm_plugin.modifiers.svd.base import _matches
+    from svdllm_plugin.modifiers.svd.ranks import matches as _matches
 
     view = dict(model.named_modules())
     factorized = False
