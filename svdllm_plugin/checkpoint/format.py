@@ -5,7 +5,8 @@ config.json says how to rebuild the factor structure, under the key ``svdllm``:
 
     "model_type": "svdllm",                      # stock loaders without the modeling file refuse it
     "architectures": ["SVDLLMForCausalLM"],
-    "auto_map": {"AutoConfig": "modeling_svdllm.SVDLLMConfig", "AutoModel": ..., ...},
+    "auto_map": {"AutoConfig": "modeling_svdllm.SVDLLMConfig",
+                 "AutoModel": "modeling_svdllm.LlamaModel", ...},  # the factorized base classes
     "svdllm": {
         "version": "0.x",                        # the plugin that wrote it
         "format": "dense" | "packed" | "gptq",   # float factors, compressed-tensors pack-quantized,
@@ -59,11 +60,6 @@ MODELING_FILES = {
     "svdllm_runtime.py": "checkpoint/svdllm_runtime.py",
     "svdllm_fused.py": "inference/fused.py",  # torch + transformers only, like the two above
     "svdllm_latent_cache.py": "inference/latent_cache.py",
-}
-AUTO_MAP = {
-    "AutoConfig": "modeling_svdllm.SVDLLMConfig",
-    "AutoModel": "modeling_svdllm.SVDLLMModel",
-    "AutoModelForCausalLM": "modeling_svdllm.SVDLLMForCausalLM",
 }
 
 
@@ -122,10 +118,16 @@ def write_config(folder: Path, record: dict) -> None:
     Written into the saved file itself: llmcompressor's save wrapper and transformers both
     rewrite config.json from the model's config object, which does not carry our keys reliably.
     """
+    from svdllm_plugin.checkpoint.modeling_svdllm import auto_map  # the one rule for the class names
+
     folder = Path(folder)
     config = read_config(folder)
     config.pop(CONFIG_KEY, None)
-    config.update(model_type=MODEL_TYPE, architectures=["SVDLLMForCausalLM"], auto_map=dict(AUTO_MAP))
+    config.update(
+        model_type=MODEL_TYPE,
+        architectures=["SVDLLMForCausalLM"],
+        auto_map=auto_map(record["base_model_type"]),
+    )
     config[CONFIG_KEY] = record
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     package = Path(__file__).parents[1]
@@ -139,11 +141,16 @@ def register_auto_config() -> None:
     Without it, every ``AutoConfig`` / ``AutoTokenizer.from_pretrained(folder)`` asks whether to
     run the folder's code (``model_type`` svdllm is unknown). Registered lazily, by the loader,
     so that importing the plugin changes nothing in transformers. The class only carries the
-    keys (its ``model_type`` stays svdllm, so ``AutoModelForCausalLM`` still refuses the folder
-    without ``trust_remote_code``); the model itself is built from :func:`base_config`.
+    keys; the model itself is built from :func:`base_config`. ``AutoModel`` /
+    ``AutoModelForCausalLM`` map it to the package's own copy of the folder's entry classes
+    (they convert it to the base config): the folder's auto_map names the factorized base classes
+    (``LlamaForCausalLM``, whose ``config_class`` transformers would find inconsistent with this
+    carrier), and in this process the plugin's code is the folder's code.
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from svdllm_plugin.checkpoint.modeling_svdllm import SVDLLMForCausalLM, SVDLLMModel
 
     if MODEL_TYPE in CONFIG_MAPPING:
         return
@@ -152,6 +159,8 @@ def register_auto_config() -> None:
         model_type = MODEL_TYPE
 
     AutoConfig.register(MODEL_TYPE, SVDLLMFolderConfig, exist_ok=True)
+    AutoModel.register(SVDLLMFolderConfig, SVDLLMModel, exist_ok=True)
+    AutoModelForCausalLM.register(SVDLLMFolderConfig, SVDLLMForCausalLM, exist_ok=True)
 
 
 def tied_keys(model) -> set[str]:
