@@ -53,7 +53,9 @@ def test_native_and_transformers_backend_give_transformers_tokens(folder):
     work = folder.parent
     ref = _check("reference", str(folder), str(work / "ref.json"), cwd=work)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    served = _check("serve", str(folder), str(work / "served.json"), "--impl", "native", "transformers", cwd=work)
+    served = _check(
+        "serve", str(folder), str(work / "served.json"), "--impl", "native", "transformers", cwd=work
+    )
     assert served.returncode == 0, served.stderr[-3000:]
     runs = json.loads((work / "served.json").read_text())
     assert runs["native"].get("model_class") == "SVDLLMForCausalLM", runs["native"]

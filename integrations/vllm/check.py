@@ -2,7 +2,7 @@
 
     python integrations/vllm/check.py reference FOLDER OUT.json       # stock transformers, greedy
     python integrations/vllm/check.py serve FOLDER OUT.json --impl native|transformers [--tp 2]
-    python integrations/vllm/check.py bench FOLDER OUT.json --impl ... [--batches 1 32]
+    python integrations/vllm/check.py bench FOLDER:IMPL[,FOLDER:IMPL...] OUT.json [--batches 1 32]
     python integrations/vllm/check.py compare REF.json SERVED.json     # exit 1 unless tokens equal
 
 Each vLLM run is its own process (one ``LLM`` per process). fp32 throughout; greedy (temperature
@@ -120,38 +120,48 @@ def _model_class(llm) -> str | None:
         return None
 
 
-def bench(folder: str, impl: str, batches: list[int], prompt_len: int, decode_tokens: int) -> dict:
-    """Tokens/s of prefill (prompt_len tokens, one output token) and decode (decode_tokens output
-    tokens after an 8-token prompt, the prefill share subtracted), per batch size."""
+def bench(specs: list[str], batches: list[int], prompt_len: int, decode_tokens: int, rounds: int) -> dict:
+    """Tokens/s of prefill and decode for each ``FOLDER:IMPL`` spec, per batch size, ``rounds``
+    times with the specs alternating (the machine is shared: compare ratios within a round).
+
+    Prefill: ``prompt_len``-token prompts, one output token. Decode: ``decode_tokens`` output
+    tokens after an 8-token prompt, the time of that prompt's one-token run subtracted.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = _llm(folder, impl, 1)
-    vocab = llm.get_tokenizer().vocab_size
-    results = {}
-    for batch in batches:
-        prompts = [
-            TokensPrompt(prompt_token_ids=[(7 * i + 13 * j + 100) % vocab for j in range(prompt_len)])
-            for i in range(batch)
-        ]
-        short = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"][:8]) for p in prompts]
-        one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        many = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
-        llm.generate(prompts[:1], one, use_tqdm=False)  # warm-up
-        start = time.perf_counter()
-        llm.generate(prompts, one, use_tqdm=False)
-        prefill_s = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate(short, one, use_tqdm=False)
-        short_s = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate(short, many, use_tqdm=False)
-        decode_s = time.perf_counter() - start - short_s
-        results[str(batch)] = {
-            "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
-            "decode_tok_s": round(batch * (decode_tokens - 1) / decode_s, 1),
-        }
-    return {"impl": impl, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "batches": results}
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
+    results: dict = {spec: [] for spec in specs}
+    for _ in range(rounds):
+        for spec in specs:
+            folder, _, impl = spec.rpartition(":")
+            llm = _llm(folder, impl, 1)
+            vocab = llm.get_tokenizer().vocab_size
+            measured = {"model_class": _model_class(llm)}
+            for batch in batches:
+                ids = [[(7 * i + 13 * j + 100) % vocab for j in range(prompt_len)] for i in range(batch)]
+                prompts = [TokensPrompt(prompt_token_ids=p) for p in ids]
+                short = [TokensPrompt(prompt_token_ids=p[:8]) for p in ids]
+                llm.generate(prompts[:1], one, use_tqdm=False)  # warm-up
+                prefill_s = _timed(llm, prompts, one)
+                decode_s = _timed(llm, short, many) - _timed(llm, short, one)
+                measured[str(batch)] = {
+                    "prefill_tok_s": round(batch * prompt_len / prefill_s, 1),
+                    "decode_tok_s": round(batch * (decode_tokens - 1) / decode_s, 1),
+                }
+            results[spec].append(measured)
+            print(spec, json.dumps(measured), flush=True)
+            _shutdown(llm)
+            del llm
+            gc.collect()
+    return {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "rounds": results}
+
+
+def _timed(llm, prompts, params) -> float:
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
 
 
 def compare(ref_path: str, served_path: str) -> int:
@@ -175,7 +185,9 @@ def compare(ref_path: str, served_path: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["reference", "serve", "bench", "compare"])
     parser.add_argument("folder")
     parser.add_argument("out")
@@ -184,6 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "compare":
         return compare(args.folder, args.out)
@@ -194,7 +207,7 @@ def main(argv=None) -> int:
     elif args.command == "serve":
         result = serve_all(args.folder, args.impl, args.tp)
     else:
-        result = bench(args.folder, args.impl[0], args.batches, args.prompt_len, args.decode_tokens)
+        result = bench(args.folder.split(","), args.batches, args.prompt_len, args.decode_tokens, args.rounds)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result)[:2000])
     return 0

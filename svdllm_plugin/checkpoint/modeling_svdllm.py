@@ -14,10 +14,10 @@ every Linear listed in ``svdllm.ranks`` by two Linears, ``svd_v`` (rank x in) an
 attention-interface support, they are what vLLM's Transformers backend accepts
 (``LLM(model=folder, trust_remote_code=True)``); their tensor-parallel plan splits each
 factorized projection so the math stays exact (``_factorized_tp_plan``). Folders that name
-``SVDLLMForCausalLM`` / ``SVDLLMModel`` in their auto_map (written before) still load. Everything else, quantized weights included,
-is stock transformers: a ``quantization_config`` (compressed-tensors pack-quantized) is loaded
-by transformers' own compressed-tensors quantizer, which binds to the ``svd_u`` / ``svd_v``
-Linears like to any other.
+``SVDLLMForCausalLM`` / ``SVDLLMModel`` in their auto_map (written before) still load.
+Everything else, quantized weights included, is stock transformers: a ``quantization_config``
+(compressed-tensors pack-quantized) is loaded by transformers' own compressed-tensors quantizer,
+which binds to the ``svd_u`` / ``svd_v`` Linears like to any other.
 
 This file imports only torch and transformers, so the folder loads where the plugin is not
 installed. A folder that lacks a tensor the structure needs is an error naming the tensors:
@@ -212,7 +212,12 @@ def _factorized_class(base: type, base_model: bool) -> type:
             runtime = kwargs.pop(RUNTIME_KEY, None)
             want_info = kwargs.pop("output_loading_info", False)
             model, info = base.from_pretrained.__func__(
-                cls, pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+                cls,
+                pretrained_model_name_or_path,
+                *model_args,
+                config=config,
+                output_loading_info=True,
+                **kwargs,
             )
             if _ranks(config):
                 _check_complete(model, info, pretrained_model_name_or_path)
@@ -249,7 +254,9 @@ def _factorized_tp_plan(plan: dict[str, str]) -> dict[str, str]:
     entries come first: plans match by prefix (vLLM takes the first pattern that matches), and
     the projection's own entry still serves the dense-kept layers.
     """
-    replicate = "replicated_with_grad_allreduce"  # a style both transformers and vLLM accept (vLLM: replicated)
+    replicate = (
+        "replicated_with_grad_allreduce"  # a style both transformers and vLLM accept (vLLM: replicated)
+    )
     factors = {}
     for pattern, style in plan.items():
         if style in ("colwise", "rowwise"):

@@ -41,10 +41,20 @@ class FactorizedLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         if parallel == COLUMN:
             self.svd_v = ReplicatedLinear(  # (k, n) on every rank
-                in_features, rank, bias=False, quant_config=quant_config, prefix=f"{prefix}.svd_v", return_bias=False
+                in_features,
+                rank,
+                bias=False,
+                quant_config=quant_config,
+                prefix=f"{prefix}.svd_v",
+                return_bias=False,
             )
             self.svd_u = ColumnParallelLinear(  # (m / tp, k): this rank's output rows
-                rank, out_features, bias=bias, quant_config=quant_config, prefix=f"{prefix}.svd_u", return_bias=False
+                rank,
+                out_features,
+                bias=bias,
+                quant_config=quant_config,
+                prefix=f"{prefix}.svd_u",
+                return_bias=False,
             )
         elif parallel == ROW:
             self.svd_v = RowParallelLinear(  # (k, n / tp): partial W_v x, all-reduced
@@ -58,7 +68,12 @@ class FactorizedLinear(nn.Module):
                 return_bias=False,
             )
             self.svd_u = ReplicatedLinear(  # (m, k) on every rank, bias added once
-                rank, out_features, bias=bias, quant_config=quant_config, prefix=f"{prefix}.svd_u", return_bias=False
+                rank,
+                out_features,
+                bias=bias,
+                quant_config=quant_config,
+                prefix=f"{prefix}.svd_u",
+                return_bias=False,
             )
         else:
             raise ValueError(f"parallel must be {COLUMN!r} or {ROW!r}; got {parallel!r}")
@@ -84,7 +99,9 @@ def projection(
     Both return the output tensor alone (``return_bias=False``).
     """
     if prefix in ranks:
-        return FactorizedLinear(in_features, out_features, ranks[prefix], bias, parallel, quant_config, prefix)
+        return FactorizedLinear(
+            in_features, out_features, ranks[prefix], bias, parallel, quant_config, prefix
+        )
     if parallel == COLUMN:
         return ColumnParallelLinear(
             in_features, out_features, bias=bias, quant_config=quant_config, prefix=prefix, return_bias=False

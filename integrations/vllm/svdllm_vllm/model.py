@@ -57,7 +57,10 @@ class SVDLLMAttention(nn.Module):
     def __init__(self, config, ranks: dict[str, int], cache_config, quant_config, prefix: str):
         super().__init__()
         tp = get_tensor_model_parallel_world_size()
-        H, H_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+        H, H_kv = (
+            config.num_attention_heads,
+            getattr(config, "num_key_value_heads", config.num_attention_heads),
+        )
         if H % tp or H_kv % tp:
             raise ValueError(
                 f"tensor_parallel_size {tp} must divide the attention heads ({H}) and KV heads ({H_kv})"
@@ -198,5 +201,5 @@ class SVDLLMForCausalLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ["lm_head."] if self.config.tie_word_embeddings else None
-        return AutoWeightsLoader(self, skip_prefixes=skip).load_weights(weights)
+        # a tied lm_head is the embedding module itself (tie_weights): the folder has no lm_head.weight
+        return AutoWeightsLoader(self).load_weights(weights)
