@@ -62,7 +62,7 @@ def _llm(folder: str, impl: str, tp: int):
         trust_remote_code=True,
         dtype="float32",
         tensor_parallel_size=tp,
-        max_model_len=1024,
+        max_model_len=min(1024, _max_positions(folder)),
         seed=0,
         # on CPU the fraction of the machine's memory reserved (model + KV cache): the default 0.92
         # fails on a shared machine
@@ -72,6 +72,11 @@ def _llm(folder: str, impl: str, tp: int):
         enforce_eager=os.environ.get("SVDLLM_VLLM_EAGER", "1") == "1",
         **kwargs,
     )
+
+
+def _max_positions(folder: str) -> int:
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 1024)
 
 
 def serve_all(folder: str, impls: list[str], tp: int) -> dict:
@@ -90,7 +95,7 @@ def serve(folder: str, impl: str, tp: int) -> dict:
     try:
         llm = _llm(folder, impl, tp)
     except Exception as error:  # a refusal is a result (packed folders on a device without a kernel)
-        return {"refused": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        return {"refused": f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"}
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
