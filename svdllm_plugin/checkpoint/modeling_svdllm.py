@@ -282,7 +282,31 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
             dtype=W.dtype,
         )
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        if parent is not model:
+            parent.__class__ = _holder_class(type(parent))
+
+
+_HOLDERS: dict[type, type] = {}
+
+
+def _holder_class(cls: type) -> type:
+    """``cls`` (e.g. LlamaAttention) as a same-named subclass for modules holding an SVDLinear.
+
+    Code that caches per module class what it learnt from one instance (vLLM's Transformers
+    backend traces one attention per class to fuse its q/k/v Linears) must not apply what a
+    dense-kept layer taught it to a factorized one.
+    """
+    if getattr(cls, "_svdllm_holder", False):
+        return cls
+    if cls not in _HOLDERS:
+        _HOLDERS[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"__module__": __name__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
+        )
+    return _HOLDERS[cls]
 
 
 def _check_complete(model, info: dict, folder) -> None:
