@@ -45,6 +45,7 @@ OPTIONS = {
     "loss": {"allocation": "loss"},
     "sensitivity": {"allocation": "sensitivity", "sensitivity_batches": 1, "sensitivity_ratios": [0.4]},
     "closed_form_update": {"closed_form_update": True},
+    "fisher": {"row_weighting": "fisher"},  # FWSVD's layer-wise gradient pass before calibration
 }
 VOCAB = 1024
 

@@ -27,6 +27,7 @@ _EXPORTS = {
     "SVDLLMModifier": "svdllm_plugin.modifiers.svd",
     "SequentialLoRAModifier": "svdllm_plugin.modifiers.lora",
     "OneshotMagnitudePruningModifier": "svdllm_plugin.modifiers.pruning",
+    "LowRankCompensationModifier": "svdllm_plugin.modifiers.compensation",
 }
 
 
@@ -36,6 +37,7 @@ def register_modifiers() -> None:
         "svdllm_plugin.modifiers.svd",
         "svdllm_plugin.modifiers.lora",
         "svdllm_plugin.modifiers.pruning",
+        "svdllm_plugin.modifiers.compensation",
     ):
         importlib.import_module(module)
 

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    b.add_argument("model", help="'smollm2-135m', a dense HF folder or a compressed folder")
+    b.add_argument("model", nargs="?", help="'smollm2-135m', a dense HF folder or a compressed folder")
     b.add_argument("--baseline", default=None, help="model to compare with (e.g. smollm2-135m)")
     b.add_argument(
         "--fuse",
@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     b.add_argument("--plot", default=None, help="write a PNG plot to this file")
+    from svdllm_plugin.bench_decode import add_arguments  # --synthetic and its options
+
+    add_arguments(b)
     return b
 
 
@@ -534,13 +537,44 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _check_plot_path(path: str) -> str:
+    """The file ``plot`` will write (``.png`` added to a bare name, as matplotlib does), refused now
+    when it is a folder, cannot be created, or has a type matplotlib cannot write."""
+    from svdllm_plugin.atomic import check_output_file
+
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as error:
+        raise ImportError("--plot needs matplotlib: pip install 'svdllm-plugin[bench]'") from error
+    file = check_output_file(path, "--plot", suffix=".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if file.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"--plot {path}: matplotlib cannot write {file.suffix!r} files; "
+            "end the name in .png, .pdf or .svg"
+        )
+    return str(file)
+
+
 def run(args) -> str:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (args.model is None) == (args.synthetic is None):
+        raise ValueError(
+            "bench takes a MODEL or --synthetic NAME_OR_CONFIG (random weights), not both nor neither"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.synthetic:
+        from svdllm_plugin.bench_decode import run_synthetic
+
+        return run_synthetic(args, device)
     shapes, contexts = _shapes(args.prefill), _ints(args.contexts, "--contexts")
     if args.decode_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--decode-tokens and --repeats must be >= 1 and --warmup >= 0")
+    if args.plot:  # checked now, not after minutes of measurements
+        args.plot = _check_plot_path(args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = []
@@ -553,7 +587,13 @@ def run(args) -> str:
         raise ValueError(f"lengths {too_long} (+ --decode-tokens) exceed max_position_embeddings={limit}")
     results = benchmark(variants, shapes, contexts, args.decode_tokens, args.repeats, args.warmup, device)
     if args.plot:
-        plot(results, args.plot)
+        try:
+            plot(results, args.plot)
+        except Exception as error:  # keep the measurements: they go to the log before the error
+            print(format_table(results), file=sys.stderr)
+            raise RuntimeError(
+                f"--plot {args.plot} could not be written ({error}); the measurements are printed above"
+            ) from error
         print(f"plot written to {args.plot}", file=sys.stderr)
     # the CLI prints what run returns on stdout (logs go to stderr): the JSON alone with --json
     return json.dumps(results) if args.json else format_table(results)

@@ -144,7 +144,7 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 def _eval(args) -> str:
     from svdllm_plugin.compress import check_device
-    from svdllm_plugin.models import check_model, load_model_and_tokenizer
+    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
 
     device = check_device(args.device)
 
@@ -165,6 +165,7 @@ def _eval(args) -> str:
 
     path = check_model(args.model)
     text = load_text(args.dataset, "evaluation")  # read before the weights load
+    check_seq_len(path, args.seq_len)
     model, tokenizer = load_model_and_tokenizer(path, check=False)
     model.to(device)
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
@@ -197,6 +198,13 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
         help="convert every Linear (the SVD factors included) to bitsandbytes NF4 / int8 first",
     )
     g.add_argument("--device", default=None)
+    g.add_argument(
+        "--decode",
+        choices=["auto", "eager", "graph"],
+        default="auto",
+        help="graph: static KV cache + compiled decode step (CUDA graphs on a GPU; on a CPU the "
+        "compilation takes about a minute); auto: graph on CUDA, eager elsewhere",
+    )
     return g
 
 
@@ -213,6 +221,13 @@ def _generate(args) -> str:
 
         model = to_bitsandbytes(model, args.bnb)
     model.to(device)
+    latent = getattr(model, "_svdllm_latent_cache", None) is not None  # a folder's load-time option
+    if args.decode == "graph" or (
+        args.decode == "auto" and str(device).startswith("cuda") and not (args.bnb or latent)
+    ):
+        from svdllm_plugin.inference.graph import enable_graph_decode
+
+        enable_graph_decode(model, device=device)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
@@ -244,7 +259,7 @@ def _export_gptq(args) -> str:
     from svdllm_plugin.export.gptq import export_gptq
     from svdllm_plugin.models import load_model_and_tokenizer
 
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=[("model", args.model)])
     model, tokenizer = load_model_and_tokenizer(args.model)
     folder = export_gptq(model, args.output, tokenizer, overwrite=args.overwrite)
     return f"exported {args.model} as an auto-gptq checkpoint to {folder}"

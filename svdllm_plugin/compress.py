@@ -140,15 +140,9 @@ def load_recipe(recipe: str | None):
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"recipe file {recipe} is not UTF-8 text ({error}); pass a YAML file") from error
-    import yaml
+    from svdllm_plugin.recipe_checks import check_order, parse_recipe
 
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or error
-        raise ValueError(f"recipe file {recipe}{line}: not valid YAML ({problem}); fix the YAML") from error
+    parse_recipe(text, recipe or "(default)")  # keys llmcompressor would drop, duplicates
     from llmcompressor.recipe import Recipe
 
     from svdllm_plugin import register_modifiers
@@ -160,6 +154,7 @@ def load_recipe(recipe: str | None):
             f"recipe {recipe or '(default)'} defines no modifiers: nest them as "
             "`<name>_stage: {<name>_modifiers: {SVDLLMModifier: {...}}}` (llmcompressor ignores other keys)"
         )
+    check_order(modifiers)
     return text, modifiers
 
 
@@ -171,25 +166,40 @@ def single_pass(modifiers) -> bool:
     """
     from svdllm_plugin.modifiers.svd import SVDLLMModifier
 
-    return all(
-        isinstance(m, SVDLLMModifier) and m.activations == "original" and not m.closed_form_update
-        for m in modifiers
-    )
+    return all(isinstance(m, SVDLLMModifier) and not m.propagates for m in modifiers)
+
+
+def pipeline_for(modifiers) -> str:
+    """``sequential`` when a compensation step shares its pass with the quantizer (then it holds
+    one decoder layer's original weights at a time), else oneshot's default ``independent``
+    (every modifier in a pass of its own: what SVD and LoRA steps need)."""
+    from svdllm_plugin.modifiers.compensation import LowRankCompensationModifier
+    from svdllm_plugin.modifiers.lora import SequentialLoRAModifier
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
+
+    if any(isinstance(m, (SVDLLMModifier, SequentialLoRAModifier)) for m in modifiers):
+        return "independent"
+    compensates = any(isinstance(m, LowRankCompensationModifier) for m in modifiers)
+    return "sequential" if compensates else "independent"
 
 
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
+    from svdllm_plugin.modifiers.svd.decompose import params_of
+
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
     before = sum(m.in_features * m.out_features for m in layers)
-    after = sum(m.rank * (m.in_features + m.out_features) for m in layers)
+    after = sum(params_of(m.out_features, m.in_features, m.rank) for m in layers)
     whole = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return before, after, whole
 
 
 def _check_counts(num_samples: int, seq_len: int, eval_windows: int | None) -> None:
-    for value, minimum, option in ((num_samples, 1, "--num-samples"), (seq_len, 2, "--seq-len")):
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{option} must be an integer >= {minimum}; got {value!r}")
+    from svdllm_plugin.data import check_seq_len
+
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"--num-samples must be an integer >= 1; got {num_samples!r}")
+    check_seq_len(seq_len)
     if eval_windows is not None and (not isinstance(eval_windows, int) or eval_windows < 0):
         raise ValueError(f"--eval-windows must be an integer >= 0 (0: skip); got {eval_windows!r}")
 
@@ -214,19 +224,21 @@ def compress(
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.data import eval_windows as make_windows
     from svdllm_plugin.evaluate import perplexity
-    from svdllm_plugin.models import check_model, load_model_and_tokenizer
+    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
+    from svdllm_plugin.recipe_checks import check_against_model, check_applied, model_snapshot
 
     start = time.perf_counter()
     # pre-flight: every cheap check runs before the weights load and calibration starts
     # (the recipe last: parsing it imports llmcompressor, the slowest of these)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs=_inputs(model=model, dataset=dataset, recipe=recipe))
     _check_counts(num_samples, seq_len, eval_windows)
     device = check_device(device)
     path = check_model(model)
     calib_text, eval_text = load_text(dataset, "calibration"), load_text(dataset, "evaluation")
+    check_seq_len(path, seq_len)
     recipe_text, modifiers = load_recipe(recipe)
 
-    from svdllm_plugin.modifiers.svd import distributed
+    from svdllm_plugin import distributed
 
     distributed.init_process_group()  # under torchrun: one process per device
     model_obj, tokenizer = load_model_and_tokenizer(path, check=False)
@@ -244,6 +256,8 @@ def compress(
     if other is not None:
         report.ppl_other_before = perplexity(model_obj, other, desc="Other-domain perplexity before")
     model_obj.to("cpu")
+    check_against_model(modifiers, model_obj)  # patterns that match nothing, before calibration
+    snapshot = model_snapshot(model_obj)
     from llmcompressor import oneshot
 
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
@@ -255,7 +269,9 @@ def compress(
         num_calibration_samples=len(calib),
         max_seq_length=seq_len,
         propagate_error=not single_pass(modifiers),
+        pipeline=pipeline_for(modifiers),
     )
+    check_applied(modifiers, model_obj, snapshot)  # a modifier that did nothing: refuse to save
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")
     if other is not None:
@@ -283,6 +299,11 @@ def compress(
     report.seconds = time.perf_counter() - start
     report.peak_memory_gib = peak_memory_gib()
     return report
+
+
+def _inputs(**paths: str | None) -> list[tuple[str, str]]:
+    """The run's input files and folders that exist, which ``--overwrite`` must never delete."""
+    return [(what, p) for what, p in paths.items() if p and Path(p).expanduser().exists()]
 
 
 def _other_domain_windows(tokenizer, seq_len: int, count: int):

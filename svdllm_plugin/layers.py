@@ -20,7 +20,7 @@ from torch import nn
 
 from svdllm_plugin.offload import is_offloaded, offload_like, stored, write_parameter
 
-__all__ = ["SVDLinear", "replace_module", "factorized_ranks"]
+__all__ = ["SVDLinear", "CompensatedLinear", "replace_module", "factorized_ranks", "compensated_ranks"]
 
 
 class SVDLinear(nn.Module):
@@ -141,3 +141,52 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def factorized_ranks(model: nn.Module) -> dict[str, int]:
     """{module name: rank} of every SVDLinear in ``model``."""
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, SVDLinear)}
+
+
+class CompensatedLinear(nn.Module):
+    """y = base(x) + lowrank_l(lowrank_r(x)): a (quantized) Linear plus a low-rank correction.
+
+    ``base`` is the original Linear object itself (quantized in place by GPTQ; compressed-tensors
+    packs it at save like any Linear); ``lowrank_r`` (r x in) and ``lowrank_l`` (out x r) are
+    plain Linears without bias fitted to its quantization error. The names match no
+    ``*_proj`` pattern.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, device=None, dtype=None):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"CompensatedLinear rank must be a positive integer; got {rank}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base = base
+        self.lowrank_r = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)  # (r, n)
+        self.lowrank_l = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)  # (m, r)
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_r.out_features
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, L: torch.Tensor, R: torch.Tensor) -> "CompensatedLinear":
+        """Wrap ``base`` (kept as is) with factors L (m, r), R (r, n), offloaded like ``base``."""
+        W = stored(base, "weight")  # (m, n); meta when offloaded to disk
+        device = W.device if W.device.type != "meta" else torch.device("cpu")
+        layer = cls(base, R.shape[0], device="meta", dtype=W.dtype)  # no init of the factors
+        for child in (layer.lowrank_r, layer.lowrank_l):
+            child.to_empty(device=device)
+        # safe: the children are new and not offloaded yet (offload_like below offloads them)
+        layer.lowrank_r.weight.data.copy_(R.to(W.dtype))
+        layer.lowrank_l.weight.data.copy_(L.to(W.dtype))
+        for child in (layer.lowrank_r, layer.lowrank_l):
+            offload_like(child, base)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lowrank_l(self.lowrank_r(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def compensated_ranks(model: nn.Module) -> dict[str, int]:
+    """{module name: rank} of every CompensatedLinear in ``model``."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, CompensatedLinear)}

@@ -30,6 +30,7 @@ __all__ = [
     "cache_dir",
     "resolve_model_path",
     "check_model",
+    "check_seq_len",
     "load_model_and_tokenizer",
 ]
 
@@ -133,6 +134,9 @@ def hub_unreachable() -> str | None:
     return None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # a vocabulary, not only its config
+
+
 def _read_config(path: str) -> dict:
     folder = Path(path)
     if not folder.is_dir():  # a hub id
@@ -149,13 +153,22 @@ def _read_config(path: str) -> dict:
     return config
 
 
+def _record(config: dict) -> dict:
+    """config.json's record of a compressed folder (``checkpoint/format.py``), or {}."""
+    from svdllm_plugin.checkpoint.format import CONFIG_KEY
+
+    return config.get(CONFIG_KEY) or {}
+
+
 def _check_causal_lm(name: str, config: dict) -> None:
     """Refuse what is not a decoder-only causal LM (an encoder such as BERT, an encoder-decoder)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
 
+    from svdllm_plugin.checkpoint.format import MODEL_TYPE
+
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    record = config.get("svdllm") or {}
-    if model_type == "svdllm" and record.get("base_model_type"):  # a compressed folder: judge its base
+    record = _record(config)
+    if model_type == MODEL_TYPE and record.get("base_model_type"):  # a compressed folder: judge its base
         model_type, architectures = record["base_model_type"], record.get("base_architectures") or []
     causal_classes = set(causal.values())
     what = f"model {name} (model_type {model_type!r}, architectures {architectures})"
@@ -246,7 +259,12 @@ def check_model(model: str) -> str:
             raise FileNotFoundError(f"model folder {folder} has no weights (*.safetensors); re-save it")
         for file in files:
             check_safetensors(file)
-    ranks = (config.get("svdllm") or {}).get("ranks")
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"model folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+                "base model's tokenizer into it (tokenizer.save_pretrained(folder))"
+            )
+    ranks = _record(config).get("ranks")
     if ranks:
         if not isinstance(ranks, dict):
             raise ValueError(
@@ -254,6 +272,17 @@ def check_model(model: str) -> str:
             )
         _check_ranks(model, path, ranks)
     return path
+
+
+def check_seq_len(path: str, seq_len: int) -> None:
+    """Refuse ``--seq-len`` beyond the positions the model was built for (as ``bench`` does)."""
+    config = _read_config(path)
+    limit = (config.get("text_config") or config).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}; "
+            f"give --seq-len {limit} or less"
+        )
 
 
 def load_model_and_tokenizer(model: str, dtype=None, check: bool = True):

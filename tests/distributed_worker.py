@@ -9,6 +9,7 @@ the checkpoint from rank 0 into OUT_DIR/key, and write what this rank holds
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -21,14 +22,16 @@ def main(model_dir: str, out_dir: str, cases: dict[str, dict]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import svdllm_plugin  # noqa: F401
+    from svdllm_plugin import distributed
     from svdllm_plugin.checkpoint import save_pretrained
     from svdllm_plugin.data import calibration_dataset, load_text
     from svdllm_plugin.layers import SVDLinear
-    from svdllm_plugin.modifiers.svd import SVDLLMModifier, distributed
+    from svdllm_plugin.modifiers.svd import SVDLLMModifier
 
     assert distributed.init_process_group() and distributed.is_distributed()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    calib = calibration_dataset(tokenizer, load_text(None, "calibration"), num_samples=8, seq_len=32)
+    samples = int(os.environ.get("SVDLLM_TEST_SAMPLES", "8"))  # 7: an uneven split (3 / 4)
+    calib = calibration_dataset(tokenizer, load_text(None, "calibration"), num_samples=samples, seq_len=32)
     calib = distributed.rank_partition(calib)
     for key, settings in cases.items():
         model = AutoModelForCausalLM.from_pretrained(model_dir)

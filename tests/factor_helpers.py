@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import torch
@@ -67,9 +68,10 @@ def factorize_ratio(model: nn.Module, ratio: float = 0.4, keep_dense: tuple[str,
 
 
 def held_numel(value, seen=None) -> int:
-    """Elements of every tensor reachable through dicts, lists, tuples and dataclasses (not modules)."""
+    """Elements of every tensor reachable through dicts, lists, tuples, dataclasses and the
+    attributes of plain objects (``LayerInputs``, ``OriginalStream``); not through modules."""
     seen = set() if seen is None else seen
-    if id(value) in seen or isinstance(value, nn.Module):
+    if id(value) in seen or isinstance(value, (nn.Module, type, types.FunctionType, types.MethodType)):
         return 0
     seen.add(id(value))
     if isinstance(value, torch.Tensor):
@@ -80,6 +82,8 @@ def held_numel(value, seen=None) -> int:
         return sum(held_numel(v, seen) for v in value)
     if dataclasses.is_dataclass(value):
         return sum(held_numel(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    if hasattr(value, "__dict__") and type(value).__module__.startswith("svdllm_plugin"):
+        return held_numel(vars(value), seen)
     return 0
 
 

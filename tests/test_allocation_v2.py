@@ -69,3 +69,74 @@ def test_fisher_rows_combine_with_whitening(tiny_factory, calib, tokenizer, tmp_
     assert not torch.allclose(a, b)  # the row weights changed the truncation
     with pytest.raises(ValueError, match="row_weighting"):
         SVDLLMModifier(update="output", row_weighting="fisher")
+
+
+def _autograd_fisher(model, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """The whole-model reference: one forward + backward per sample (batch size 1), with weight
+    gradients from autograd, I_i = sum over samples of sum_j (dL/dW_ij)^2."""
+    linears = {name: model.get_submodule(name) for name in names}
+    importance = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            ids = ids[mask.bool()][None]  # this sample alone, its padding dropped
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            for name, lin in linears.items():
+                importance[name] += lin.weight.grad.double().pow(2).sum(1)
+    model.zero_grad()
+    return importance
+
+
+def _names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
+def test_layerwise_fisher_equals_autograd_at_batch_size_1(tiny):
+    """The layer-by-layer pass gives the per-row sums of squared weight gradients that a whole-model
+    backward gives, sample by sample."""
+    from svdllm_plugin.modifiers.svd.passes import fisher_row_importance
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 1000, (1, 24), generator=g)} for _ in range(3)]
+    for batch in batches:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    names = _names(tiny)
+    expected = _autograd_fisher(tiny, batches, names)
+    got = fisher_row_importance(tiny, {n: tiny.get_submodule(n) for n in names}, batches, limit=3)
+    assert all(p.requires_grad for p in tiny.parameters())  # flags restored
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_is_per_sample_and_ignores_padding(tiny):
+    """A batch of two samples, the second right-padded: each sample's own gradient is squared
+    (not the batch's), and padded positions are no labels. Equal to the two samples alone."""
+    from svdllm_plugin.modifiers.svd.passes import fisher_row_importance
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0
+    ids[1, 16:] = 0  # a pad token id
+    names = _names(tiny)
+    expected = _autograd_fisher(tiny, [{"input_ids": ids, "attention_mask": mask}], names)
+    linears = {n: tiny.get_submodule(n) for n in names}
+    got = fisher_row_importance(tiny, linears, [{"input_ids": ids, "attention_mask": mask}], limit=1)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
+
+
+def test_modifier_row_weights_are_the_whole_model_fisher(tiny_dir, calib):
+    """Through oneshot (batch size 1): the modifier's row weights are sqrt of the whole-model
+    autograd Fisher of the first ``fisher_batches`` calibration samples, so the factors are too."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    batches = [{k: torch.tensor([calib[i][k]]) for k in ("input_ids", "attention_mask")} for i in range(2)]
+    expected = _autograd_fisher(reference, batches, _names(reference))
+    modifier = SVDLLMModifier(ratio=0.4, row_weighting="fisher", fisher_batches=2)
+    run_oneshot(AutoModelForCausalLM.from_pretrained(tiny_dir), calib, modifier)
+    assert set(modifier._row_scale) == set(expected)
+    for name, I in expected.items():
+        row_scale = I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt()
+        torch.testing.assert_close(modifier._row_scale[name], row_scale, rtol=1e-4, atol=1e-12)

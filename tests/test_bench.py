@@ -21,7 +21,7 @@ def tiny_svd_dir(tiny_factory, tokenizer, tmp_path_factory):
 
 
 def test_bench_smoke(tiny_dir, tiny_svd_dir, tmp_path, capsys):
-    png = tmp_path / "bench.png"
+    png = tmp_path / "bench.png"  # given without its suffix: the name matplotlib writes is reported
     argv = [
         "bench",
         str(tiny_svd_dir),
@@ -40,14 +40,16 @@ def test_bench_smoke(tiny_dir, tiny_svd_dir, tmp_path, capsys):
         "1",
         "--json",
         "--plot",
-        str(png),
+        str(tmp_path / "bench"),
     ]
     threads = torch.get_num_threads()
     try:
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    results = json.loads(capsys.readouterr().out)  # with --json, stdout is the JSON alone
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)  # with --json, stdout is the JSON alone
+    assert f"plot written to {png}" in captured.err
     table = format_table(results)
     assert "decode @32 tok/s" in table and "FLOP ratio" in table and "KV cache bytes/token" in table
     assert [len(r["per_model"]) for r in results["prefill"]] == [2, 2]

@@ -71,6 +71,7 @@ def test_saving_twice_with_overwrite_replaces_atomically(tmp_path):
 
     target = tmp_path / "ckpt"
     with atomic_output_dir(target) as tmp:
+        (tmp / "config.json").write_text('{"svdllm": {}}')  # ours: --overwrite may replace it
         (tmp / "a").write_text("1")
     with pytest.raises(RuntimeError):
         with atomic_output_dir(target, overwrite=True) as tmp:
@@ -78,6 +79,7 @@ def test_saving_twice_with_overwrite_replaces_atomically(tmp_path):
             raise RuntimeError("crash mid-save")
     assert (target / "a").read_text() == "1" and os.listdir(tmp_path) == ["ckpt"]
     with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('{"svdllm": {}}')
         (tmp / "a").write_text("2")
     assert (target / "a").read_text() == "2" and os.listdir(tmp_path) == ["ckpt"]
 

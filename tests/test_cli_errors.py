@@ -89,6 +89,11 @@ def recipe(extra: str = "", ratio: float = 0.2) -> dict:
 
 
 R, D = ("--recipe", "{tmp}/r.yaml"), "--dataset"
+W4 = (
+    "GPTQModifier:\n      ignore: ['re:.*lm_head']\n      config_groups:\n        g:\n"
+    "          targets: [Linear]\n          weights: {num_bits: 4, type: int, symmetric: true, "
+    "strategy: group, group_size: 8}\n"
+)
 LLAMA_ONLY = "tested: Llama-family decoders incl. grouped-query attention"
 
 # placeholders: {tiny} dense tiny Llama folder, {svd} a compressed one, {tmp} the row's tmp_path,
@@ -126,12 +131,99 @@ CASES = [
     Case(
         "recipe-no-stage",
         compress(*R),
-        "defines no modifiers: nest them",
+        "top-level key `SVDLLMModifier` is not a stage",
         {"r.yaml": "SVDLLMModifier:\n  ratio: 0.2\n"},
+    ),
+    # issue 22, reproduction 3: keys llmcompressor would drop are refused before any work
+    Case(
+        "recipe-stage-typo",
+        compress(*R),
+        "top-level key `quant_stag` is not a stage (llmcompressor reads only keys ending in `_stage`) and "
+        "would be ignored with all it holds; rename it, e.g. `quant_stage`",
+        {"r.yaml": RECIPE.format(ratio=0.2, extra="") + "quant_stag:\n  quant_modifiers:\n    " + W4},
+    ),
+    Case(
+        "recipe-stage-number-after",
+        compress(*R),
+        "`svd_stage2` is not a stage",
+        {"r.yaml": RECIPE.format(ratio=0.2, extra="").replace("svd_stage", "svd_stage2")},
+    ),
+    Case(
+        "recipe-group-typo",
+        compress(*R),
+        "`svd_stage.svd_modifier` is not a modifier group",
+        {"r.yaml": RECIPE.format(ratio=0.2, extra="").replace("svd_modifiers", "svd_modifier")},
+    ),
+    Case(
+        "recipe-duplicate-modifier",
+        compress(*R),
+        "r.yaml, line 5: `SVDLLMModifier` appears twice in the same mapping (first on line 3); YAML keeps "
+        "only the last",
+        recipe("    SVDLLMModifier:\n      ratio: 0.4\n"),
+    ),
+    Case(
+        "recipe-modifier-without-settings",
+        compress(*R),
+        "`svd_stage.svd_modifiers.SVDLLMModifier` must be a mapping of settings; got nothing",
+        {"r.yaml": "svd_stage:\n  svd_modifiers:\n    SVDLLMModifier:\n"},
+    ),
+    Case("recipe-empty", compress(*R), "recipe file {tmp}/r.yaml is empty", {"r.yaml": "# nothing\n"}),
+    Case("recipe-scalar", compress(*R), "holds a YAML int, not a mapping of stages", {"r.yaml": "3\n"}),
+    Case("recipe-list", compress(*R), "holds a YAML list, not a mapping", {"r.yaml": "- svd_stage\n"}),
+    Case(
+        "recipe-gptq-before-svd",
+        compress(*R),
+        "GPTQModifier comes before SVDLLMModifier, which replaces the Linears by new factor Linears",
+        {"r.yaml": "q_stage:\n  q_modifiers:\n    " + W4 + RECIPE.format(ratio=0.2, extra="")},
+    ),
+    Case(
+        "recipe-overrides-match-nothing",
+        compress(*R),
+        "SVDLLMModifier `overrides` pattern 're:.*q_projx$' matches none of the 14 modules it compresses",
+        recipe("      overrides: {'re:.*q_projx$': 0.5}\n"),
+        before_load=False,
+    ),
+    Case(
+        "recipe-one-target-matches-nothing",
+        compress(*R),
+        "SVDLLMModifier `targets` pattern 're:.*typo$' matches no module of the model",
+        recipe("      targets: ['re:.*q_proj$', 're:.*typo$']\n"),
+        before_load=False,
+    ),
+    Case(
+        "recipe-gptq-target-matches-nothing",
+        compress(*R),
+        "GPTQModifier `targets` pattern 're:.*svd_w$' matches no module of the model nor the factors",
+        recipe("    " + W4.replace("[Linear]", "['re:.*svd_w$']")),
+        before_load=False,
     ),
     Case("recipe-ratio-1.5", compress(*R), "must be in (0, 1)", recipe(ratio=1.5)),
     Case("recipe-typo", compress(*R), "ratoi: Extra inputs are not permitted", recipe("      ratoi: 0.3\n")),
     Case("recipe-whitening", compress(*R), "cholesky", recipe("      whitening: qr\n")),
+    Case(
+        "output-in-proc",
+        compress(output="/proc/svdllm-out"),
+        "cannot create output folder /proc/svdllm-out: /proc",
+    ),
+    Case(
+        "output-not-ours-overwrite",
+        compress("--overwrite", output="{tmp}/kept"),
+        "--overwrite refused: {tmp}/kept is not a checkpoint written by svdllm (no config.json with an "
+        '"svdllm" record; it holds keep.txt); choose another --output or remove it yourself',
+        {"kept/keep.txt": "precious"},
+    ),
+    Case(
+        "output-is-the-model",
+        compress("--overwrite", model="{model}", output="{model}"),
+        "--output {model} is the input model {model}; --overwrite would delete it",
+        edit=("svd", lambda folder: None),
+    ),
+    Case(
+        "output-holds-the-dataset",
+        compress("--overwrite", D, "{model}/d.txt", output="{model}"),
+        "--output {model} holds the input dataset {model}/d.txt; --overwrite would delete it",
+        edit=("svd", lambda folder: (folder / "d.txt").write_text("text " * 500)),
+    ),
     # dataset
     Case("dataset-missing", compress(D, "{tmp}/d.txt"), "dataset file '{tmp}/d.txt' does not exist"),
     Case(
@@ -150,6 +242,12 @@ CASES = [
         compress(D, "{tmp}/d.jsonl"),
         'd.jsonl, line 1: has no "text" field',
         {"d.jsonl": '{"body": "a"}\n'},
+    ),
+    Case(
+        "dataset-text-not-a-string",
+        compress(D, "{tmp}/d.jsonl"),
+        'd.jsonl, line 2: "text" is 42 (int), not a string',
+        {"d.jsonl": '{"text": "a"}\n{"text": 42}\n'},
     ),
     Case(
         "dataset-json-broken",
@@ -212,6 +310,38 @@ CASES = [
         edit=("tiny", _missing_shard),
     ),
     Case(
+        "model-no-tokenizer",
+        compress(model="{model}"),
+        "model folder {model} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json)",
+        edit=("tiny", lambda folder: (folder / "tokenizer.json").unlink()),
+    ),
+    Case(
+        "seq-len-above-positions",
+        ["compress", "--model", "{tiny}", "--output", "{out}", "--seq-len", "300", "--num-samples", "1"],
+        "--seq-len 300 exceeds the model's max_position_embeddings=256; give --seq-len 256 or less",
+    ),
+    Case(
+        "eval-seq-len-above-positions",
+        ["eval", "{svd}", "--seq-len", "300"],
+        "--seq-len 300 exceeds the model's max_position_embeddings=256",
+    ),
+    Case(
+        "bench-plot-is-a-folder",
+        ["bench", "{tiny}", "--plot", "{tmp}/plots"],
+        "--plot {tmp}/plots is a folder; give a file name, e.g. {tmp}/plots/out.png",
+        {"plots/old.png": "x"},
+    ),
+    Case(
+        "bench-plot-unknown-type",
+        ["bench", "{tiny}", "--plot", "{tmp}/plot.txt"],
+        "--plot {tmp}/plot.txt: matplotlib cannot write '.txt' files; end the name in .png, .pdf or .svg",
+    ),
+    Case(
+        "bench-plot-unwritable",
+        ["bench", "{tiny}", "--plot", "/proc/svdllm.png"],
+        "cannot create --plot /proc/svdllm.png: /proc",
+    ),
+    Case(
         "hub-id-offline", compress(model="no-org/no-model"), "not in the hub cache, and HF_HUB_OFFLINE is set"
     ),
     # the modifier
@@ -226,7 +356,7 @@ CASES = [
     Case(
         "targets-match-nothing",
         compress(*R),
-        "no Linear modules matching",
+        "SVDLLMModifier `targets` pattern 're:.*no$' matches no module of the model",
         recipe("      targets: ['re:.*no$']\n"),
         before_load=False,
     ),

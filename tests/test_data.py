@@ -6,6 +6,7 @@ import json
 import sysconfig
 import time
 
+import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -13,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from svdllm_plugin import data
 from svdllm_plugin.data import EMBEDDED, calibration_dataset, embedded_text, eval_windows, load_text
+from svdllm_plugin.models import cache_dir
 
 
 def _byte_tokenizer():
@@ -40,7 +42,7 @@ def embedded(tmp_path_factory):
         start = time.perf_counter()
         warm = {s: embedded_text(s) for s in data.SPLITS}
         warm_s = time.perf_counter() - start
-        files = sorted(p.name for p in (data.cache_dir() / "text").iterdir())
+        files = sorted(p.name for p in (cache_dir() / "text").iterdir())
     return {"cold": cold, "warm": warm, "cold_s": cold_s, "warm_s": warm_s, "files": files}
 
 
@@ -101,7 +103,7 @@ def test_embedded_text_from_fake_stdlib(tmp_path, cache, monkeypatch):
     assert "short" not in calibration and "never read" not in calibration
     assert not any(s in calibration for s in ("module test", "site-packages", "idlelib"))
     # the cache is read back, not rebuilt
-    monkeypatch.setattr(data, "_build_embedded", lambda: pytest.fail("cache was not used"))
+    monkeypatch.setattr(data.embedded, "_build_embedded", lambda: pytest.fail("cache was not used"))
     assert embedded_text("calibration") == calibration
 
 
@@ -115,7 +117,7 @@ def test_embedded_text_bad_split():
 
 @pytest.mark.parametrize("dataset", [None, EMBEDDED])
 def test_load_text_embedded(dataset, monkeypatch):
-    monkeypatch.setattr(data, "embedded_text", lambda split: f"embedded {split}")
+    monkeypatch.setattr(data.embedded, "embedded_text", lambda split: f"embedded {split}")
     assert load_text(dataset, "evaluation") == "embedded evaluation"
 
 
@@ -181,9 +183,9 @@ def test_load_text_hub(monkeypatch):
 
     def fake_load_dataset(name, config, split):
         calls.append((name, config, split))
-        return data.datasets.Dataset.from_dict({"text": [f"{split} line 1", f"{split} line 2"]})
+        return datasets.Dataset.from_dict({"text": [f"{split} line 1", f"{split} line 2"]})
 
-    monkeypatch.setattr(data.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_text("wikitext2", "calibration") == "train line 1\n\ntrain line 2"
     assert load_text("org/name:config", "evaluation") == "test line 1\n\ntest line 2"
     assert calls == [("wikitext", "wikitext-2-raw-v1", "train"), ("org/name", "config", "test")]
@@ -193,15 +195,15 @@ def test_load_text_hub_errors(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(data.datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(RuntimeError, match="could not load dataset 'wikitext2'.*no network.*'embedded'"):
         load_text("wikitext2", "calibration")
-    no_text = data.datasets.Dataset.from_dict({"body": ["a"]})
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda *a, **k: no_text)
+    no_text = datasets.Dataset.from_dict({"body": ["a"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: no_text)
     with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['body'\]\)"):
         load_text("org/name", "calibration")
-    empty = data.datasets.Dataset.from_dict({"text": ["", " "]})
-    monkeypatch.setattr(data.datasets, "load_dataset", lambda *a, **k: empty)
+    empty = datasets.Dataset.from_dict({"text": ["", " "]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: empty)
     with pytest.raises(ValueError, match="is empty"):
         load_text("org/name", "evaluation")
 
@@ -250,7 +252,7 @@ def test_eval_windows(byte_tokenizer):
 
 def test_no_too_long_warning(caplog):
     tokenizer, text = _byte_tokenizer(), "a long text\n\n" * 10
-    assert data._tokenize(tokenizer, text).numel() == len(text)
+    assert data.windows.token_ids(tokenizer, text).numel() == len(text)
     assert "longer than the specified maximum" not in caplog.text
     tokenizer(text)  # the control: without verbose=False it does warn
     assert "longer than the specified maximum" in caplog.text
@@ -258,10 +260,10 @@ def test_no_too_long_warning(caplog):
 
 def test_chunked_tokenization_matches_whole(embedded, tokenizer):
     text = embedded["cold"]["evaluation"]
-    chunks = data._chunks(text, size=10_000)
+    chunks = data.windows._chunks(text, size=10_000)
     assert len(chunks) > 5 and "".join(chunks) == text
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert data._tokenize(tokenizer, text).tolist() == whole
+    assert data.windows.token_ids(tokenizer, text).tolist() == whole
 
 
 def test_real_tokenizer_end_to_end(embedded, tokenizer):

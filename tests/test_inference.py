@@ -111,3 +111,27 @@ def test_prepare_for_inference_fuses_only_factorized(tiny_factory, tiny_svd):
     assert not getattr(dense, "_svdllm_fused_groups", 0)
     model = prepare_for_inference(tiny_svd, fuse=None, latent_kv_cache=True)
     assert model._svdllm_fused_groups == 4 and callable(model._svdllm_latent_cache)
+
+
+def test_latent_cache_reset_offload_prefetch(tiny_svd):
+    """reset() empties the latents (a reused cache decodes like a fresh one); offload() / prefetch()
+    move what the layers hold and decoding goes on unchanged."""
+    model, make_cache = enable_latent_kv_cache(tiny_svd)
+    prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref_tokens, ref_logits = greedy(model, prompt, 8, make_cache())
+    cache = make_cache()
+    greedy(model, prompt, 5, cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache_nbytes(cache) == 0
+    tokens, logits = greedy(model, prompt, 8, cache)  # the reset cache, reused
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for layer in cache.layers:
+        layer.offload()
+        layer.prefetch()
+    assert cache.get_seq_length() == tokens.shape[1]  # greedy fed its last token too
+    new = torch.tensor([[7]])
+    with torch.no_grad():
+        out = model(new, past_key_values=cache, use_cache=True)
+        full = model(torch.cat([tokens, new], dim=1)).logits[:, -1]
+    torch.testing.assert_close(out.logits[:, -1], full, rtol=1e-4, atol=1e-4)

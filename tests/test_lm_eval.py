@@ -18,6 +18,7 @@ from svdllm_plugin.lm_eval import (
     offline_task_dir,
     run_lm_eval,
 )
+from svdllm_plugin.models import cache_dir
 
 LIMIT = 3
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -87,7 +88,7 @@ def test_task_dir_is_written_once_and_keyed_by_content(fake_text):
     assert config["dataset_kwargs"]["cache_dir"].startswith(str(task_dir))
 
     other = offline_task_dir(max_docs=5, doc_chars=200)
-    assert other != task_dir and other.parent == task_dir.parent == data.cache_dir() / "lm_eval_tasks"
+    assert other != task_dir and other.parent == task_dir.parent == cache_dir() / "lm_eval_tasks"
     assert sorted(p.name for p in task_dir.parent.iterdir()) == sorted([task_dir.name, other.name])
 
 

@@ -173,7 +173,7 @@ def test_round_trip(text_file):
         (dict(steps=0), "`steps` must be a positive integer"),
         (dict(lr=0), "`lr` must be > 0"),
         (dict(dropout=1.0), r"`dropout` must be in \[0, 1\)"),
-        (dict(seq_len=1), "`seq_len` must be at least 2"),
+        (dict(seq_len=1), r"`seq_len` \(SequentialLoRAModifier\) must be an integer >= 2; got 1"),
         (dict(eval_windows=-1), "`eval_windows` must be >= 0"),
         (dict(rank=8), "Extra inputs are not permitted"),
     ],

@@ -162,7 +162,11 @@ def test_whole_model_passes_on_an_offloaded_model_equal_the_in_memory_run(dense_
     settings = {**SVD, **extra}
     fwsvd = {"svd_stage": {"svd_modifiers": {"SVDLLMModifier": settings}}}
     text, data = yaml.safe_dump(fwsvd), calib.select(range(2))
+    # llmcompressor shuffles the calibration samples with the global RNG: the same order for both
+    # runs, or the sums of X X^T differ in their last bits and the update amplifies that to ~6e-6
+    torch.manual_seed(0)
     offloaded = run_oneshot(load_disk_offloaded(dense_dir, tmp_path / "offload"), data, text)
+    torch.manual_seed(0)
     reference = run_oneshot(AutoModelForCausalLM.from_pretrained(dense_dir), data, text)
     for name, W in factors_of(reference).items():
         torch.testing.assert_close(factors_of(offloaded)[name], W, rtol=1e-4, atol=1e-6)

@@ -69,11 +69,11 @@ def test_sigma_auto_puts_sigma_on_svd_v_when_the_factors_are_quantized(
     tokenizer.save_pretrained(tmp_path)
     alone = SVDLLMModifier(ratio=0.4, rank_multiple=16)
     run(AutoModelForCausalLM.from_pretrained(tmp_path), calib, [alone])
-    assert alone.sigma == "auto" and alone._sigma == "split"
+    assert alone.sigma == "auto" and alone.fit.sigma == "split"
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     stacked = SVDLLMModifier(ratio=0.4, rank_multiple=16)
     run(model, calib, [stacked, gptq("Linear", bits=8)])
-    assert stacked._sigma == "v" and stacked._rotate and not alone._rotate
+    assert stacked.fit.sigma == "v" and stacked.fit.rotate and not alone.fit.rotate
     W_u = model.model.layers[0].mlp.up_proj.svd_u.weight.double()
     gram = W_u.T @ W_u  # ~ I up to 8-bit rounding
     torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=gram.dtype), atol=0.05, rtol=0)

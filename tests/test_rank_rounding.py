@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import run_oneshot
+from torch import nn
 
 from svdllm_plugin.layers import factorized_ranks
 from svdllm_plugin.modifiers.svd import SVDLLMModifier
@@ -54,3 +55,23 @@ def test_modifier_reports_the_achieved_ratio(tiny, calib):
         removed_fraction(shapes, [r["rank"] for r in modifier.records])
     )
     assert modifier.achieved_ratio == pytest.approx(0.3, abs=0.03)
+
+
+def _decoder_linear_params(model) -> int:
+    """Parameters of every weight matrix in the decoder layers, counted from the modules themselves."""
+    return sum(
+        module.weight.numel()
+        for name, module in model.model.layers.named_modules()
+        if isinstance(module, nn.Linear)
+    )
+
+
+def test_achieved_ratio_counts_dense_kept_matrices_as_kept(tiny, calib):
+    """ratio 0.05 with rank_multiple 32 keeps some matrices dense: the report must be the real
+    fraction of parameters removed (it used to count them as fully removed, then add them)."""
+    before = _decoder_linear_params(tiny)
+    modifier = SVDLLMModifier(ratio=0.05, rank_multiple=32)
+    run_oneshot(tiny, calib, modifier)
+    assert modifier._kept_dense  # the case under test: some matrices stay dense
+    real = 1 - _decoder_linear_params(tiny) / before
+    assert modifier.achieved_ratio == pytest.approx(real, abs=1e-9)

@@ -1,5 +1,5 @@
-"""Every code block of README.md runs: the Python ones on a tiny model, the YAML ones as recipes,
-and every `svdllm` line of the bash ones through the CLI's argument parser (not executed)."""
+"""Every code block of README.md and docs/*.md runs: the Python ones on a tiny model, the YAML ones
+as recipes, and every `svdllm` line of the bash ones through the CLI's argument parser (not executed)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import pytest
 from svdllm_plugin.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TEXT = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+    pattern = rf"^```{language}\n(.*?)^```"
+    return [code for text in TEXT.values() for code in re.findall(pattern, text, flags=re.S | re.M)]
 
 
 PYTHON, YAML, BASH = blocks("python"), blocks("yaml"), blocks("bash")
@@ -46,7 +48,7 @@ def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib,
         folder = tmp_path / "outputs" / "smollm2-svdllm-0.2"
         save_pretrained(factorize_ratio(tiny_factory()), folder, tokenizer)
     namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib, "path": str(tiny_dir)}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "README.md or docs", "exec"), namespace)
     if "save_pretrained" in code:
         from svdllm_plugin.checkpoint import load_pretrained
 
@@ -73,3 +75,12 @@ def test_bash_svdllm_line_parses(line):
     argv = [_example(t) for t in shlex.split(line)[1:] if t.strip("[]")]
     args = build_parser().parse_args(argv)
     assert args.command == argv[0]
+
+
+def test_readme_is_short_and_links_resolve():
+    """README stays an entry page; every relative link of README and docs points to a file."""
+    assert len(TEXT["README.md"].splitlines()) <= 300
+    for name, text in TEXT.items():
+        base = (ROOT / name).parent
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (base / target).exists(), f"{name} links to missing {target}"

@@ -28,6 +28,8 @@ PROMPT = "The capital of France is"
 NEW_TOKENS = 6
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MISSING = "model.layers.0.self_attn.q_proj.svd_u.weight"
+STALE = "model.layers.0.self_attn.q_proj.weight"  # a dense weight left beside the factors
+STRAY = "model.layers.1.mlp.extra_scale"
 
 STOCK_SCRIPT = r"""
 import json, sys
@@ -64,8 +66,14 @@ new_ids = generated[0, ids["input_ids"].shape[1]:]
 out["runtime"] = {"text": tokenizer.decode(new_ids, skip_special_tokens=True),
                   "cache": type(model._svdllm_latent_cache()).__name__,
                   "fused": int(getattr(model, "_svdllm_fused_groups", 0))}
-for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True})):
-    folder = f"{work}/{'dense' if case == 'no_trust' else 'missing'}"
+model = AutoModelForCausalLM.from_pretrained(f"{work}/w4", trust_remote_code=True, dtype=torch.float32,
+                                             svdllm_runtime={"fuse": True})
+with torch.no_grad():
+    torch.save(model(probe).logits, f"{work}/w4-fused-stock.pt")
+out["w4_fused"] = int(getattr(model, "_svdllm_fused_groups", 0))
+for case, kwargs in (("no_trust", {}), ("missing", {"trust_remote_code": True}),
+                     ("stale", {"trust_remote_code": True}), ("stray", {"trust_remote_code": True})):
+    folder = f"{work}/{'dense' if case == 'no_trust' else case}"
     try:
         AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         out[case] = None
@@ -94,6 +102,12 @@ def work(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
     state = read_safetensors(work / "missing")
     del state[MISSING]
     save_file(state, work / "missing" / "model.safetensors", metadata={"format": "pt"})
+    for case, extra in ((STALE, (256, 256)), (STRAY, (3,))):  # a tensor no module of the structure has
+        folder = work / ("stale" if case == STALE else "stray")
+        shutil.copytree(work / "dense", folder)
+        state = read_safetensors(folder)
+        state[case] = torch.ones(extra)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     torch.save(
         torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(5)),
         work / "probe.pt",
@@ -170,6 +184,23 @@ def test_missing_tensor_is_an_error_naming_it(work, stock):
     assert stock["missing"].startswith("ValueError") and MISSING in stock["missing"]
     with pytest.raises(ValueError, match="missing"):
         load_pretrained(work / "missing")
+
+
+@pytest.mark.parametrize("case", ["stale", "stray"])
+def test_unexpected_tensor_is_an_error_naming_it(work, stock, case):
+    """A tensor the structure has no place for is refused by both loaders, not dropped silently."""
+    name = STALE if case == "stale" else STRAY
+    assert stock[case] is not None and stock[case].startswith("ValueError") and name in stock[case]
+    with pytest.raises(ValueError, match="unexpected"):
+        load_pretrained(work / case)
+
+
+def test_fused_packed_folder_loads_through_the_stock_path(work, stock):
+    """``svdllm_runtime={"fuse": True}`` on a W4 packed folder: loads, and computes what the unfused
+    stock model computes."""
+    fused = torch.load(work / "w4-fused-stock.pt")
+    unfused = torch.load(work / "w4-stock.pt")
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-4)
 
 
 def test_folder_layout(work):

@@ -14,6 +14,7 @@ from svdllm_plugin.modifiers.svd.decompose import (
     refit_u,
     whiten_cholesky,
 )
+from svdllm_plugin.modifiers.svd.fit import Fit
 
 
 def paired_inputs(n=24, tokens=400, seed=0):
@@ -86,15 +87,17 @@ def test_output_match_at_full_rank_is_the_least_squares_map():
     torch.testing.assert_close(out.W_u @ out.W_v, B)
 
 
-class Spy(SVDLLMModifier):
-    """Records, per module, the output-matching objective of three fits from the same statistics."""
+def spy_on_fits(monkeypatch) -> list[dict]:
+    """Records, per module, the output-matching objective of three fits from the statistics that
+    the modifier's per-layer fit (``Fit.layer``) receives."""
+    seen: list[dict] = []
+    layer = Fit.layer
 
-    def _fit(self, W, k, S, row_scale, stats, original):
-        factors = super()._fit(W, k, S, row_scale, stats, original)
+    def spy(fit, W, k, stats, original, *args):
+        factors, objective = layer(fit, W, k, stats, original, *args)
         H, C, H_p = original.covariance(), stats.cross_covariance(), stats.covariance()
         truncated = factorize(W, k, whiten_cholesky(H))
         refit = refit_u(W, truncated.W_v, H_p)
-        seen = self.__dict__.setdefault("seen", [])
         seen.append(
             dict(
                 output=output_objective(W, factors.W_u, factors.W_v, H, C, H_p),
@@ -105,11 +108,16 @@ class Spy(SVDLLMModifier):
                 ),
             )
         )
-        return factors
+        return factors, objective
+
+    monkeypatch.setattr(Fit, "layer", spy)
+    return seen
 
 
 @pytest.mark.parametrize("update", ["output", "output_u"])
-def test_update_output_on_a_tiny_model_is_never_worse(tiny_factory, tokenizer, calib, tmp_path, update):
+def test_update_output_on_a_tiny_model_is_never_worse(
+    tiny_factory, tokenizer, calib, tmp_path, update, monkeypatch
+):
     """On real paired activations of a 3-layer model (layers >= 1 see compressed inputs):
     the output-matching objective <= the W_u refit's and <= truncation alone's."""
     from transformers import AutoModelForCausalLM
@@ -117,9 +125,9 @@ def test_update_output_on_a_tiny_model_is_never_worse(tiny_factory, tokenizer, c
     tiny_factory(hidden=64, layers=3).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    spy = Spy(ratio=0.4, update=update)
-    run_oneshot(model, calib, spy)
-    seen = spy.__dict__["seen"]
+    seen = spy_on_fits(monkeypatch)
+    modifier = SVDLLMModifier(ratio=0.4, update=update)
+    run_oneshot(model, calib, modifier)
     assert len(seen) == 21
     scale = max(s["truncation"] for s in seen)
     for s in seen:
@@ -128,7 +136,7 @@ def test_update_output_on_a_tiny_model_is_never_worse(tiny_factory, tokenizer, c
     later = seen[7:]  # layers 1, 2: X' differs from X
     gain = 0.95 if update == "output" else 1.0  # the W_u-only fit gains less than the full rank-k fit
     assert sum(s["output"] for s in later) < gain * sum(s["refit"] for s in later)
-    assert all(r["objective"] >= 0 and "rel_objective" in r for r in spy.records)
+    assert all(r["objective"] >= 0 and "rel_objective" in r for r in modifier.records)
 
 
 def test_update_option_and_its_legacy_spelling():

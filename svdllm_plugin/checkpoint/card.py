@@ -59,6 +59,7 @@ def write_model_card(
             if packed
             else ", stored as float tensors."
         ),
+        *_compensation_lines(record.get("compensation") or {}),
         "",
         "## Size",
         "",
@@ -110,6 +111,18 @@ def write_model_card(
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _compensation_lines(ranks: dict[str, int]) -> list[str]:
+    """What the compensation step added: quantized Linears plus low-rank error terms."""
+    if not ranks:
+        return []
+    return [
+        "",
+        f"{len(ranks)} quantized Linear layers carry a low-rank term fitted to their quantization error "
+        "(`base` + `lowrank_l(lowrank_r(x))`, LowRankCompensationModifier; ranks "
+        f"{min(ranks.values())}-{max(ranks.values())}).",
+    ]
 
 
 def _ranks_table(ranks: dict[str, int]) -> list[str]:

@@ -14,6 +14,8 @@ config.json says how to rebuild the factor structure, under the key ``svdllm``:
         "base_model_type": "llama",              # the architecture the factors live in
         "base_architectures": ["LlamaForCausalLM"],
         "ranks": {"model.layers.0.self_attn.q_proj": 64, ...},
+        "compensation": {"model.layers.0.mlp.up_proj": 16, ...},  # only when present: Linears
+                                                 # wrapped as base + lowrank_l(lowrank_r(x))
         ... (extra: what the run measured, e.g. ppl_before / ppl_after)
     }
 
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from svdllm_plugin.layers import factorized_ranks
+from svdllm_plugin.layers import compensated_ranks, factorized_ranks
 from svdllm_plugin.version import __version__
 
 __all__ = [
@@ -60,6 +62,7 @@ MODELING_FILES = {
     "svdllm_runtime.py": "checkpoint/svdllm_runtime.py",
     "svdllm_fused.py": "inference/fused.py",  # torch + transformers only, like the two above
     "svdllm_latent_cache.py": "inference/latent_cache.py",
+    "svdllm_graph.py": "inference/graph.py",
 }
 
 
@@ -71,7 +74,7 @@ def make_record(model, fmt: str, extra: dict | None = None) -> dict:
     base_type = config.model_type
     if base_type == MODEL_TYPE:  # a model loaded from a compressed folder keeps its record's base
         base_type = getattr(config, CONFIG_KEY)["base_model_type"]
-    return {
+    record = {
         **(extra or {}),
         "version": __version__,
         "format": fmt,
@@ -79,6 +82,10 @@ def make_record(model, fmt: str, extra: dict | None = None) -> dict:
         "base_architectures": list(getattr(config, "architectures", None) or [type(model).__name__]),
         "ranks": factorized_ranks(model),
     }
+    compensation = compensated_ranks(model)
+    if compensation:  # {Linear name: rank} of its low-rank quantization-error term (CompensatedLinear)
+        record["compensation"] = compensation
+    return record
 
 
 def read_config(folder) -> dict:

@@ -20,8 +20,8 @@ Everything else, quantized weights included, is stock transformers: a ``quantiza
 which binds to the ``svd_u`` / ``svd_v`` Linears like to any other.
 
 This file imports only torch and transformers, so the folder loads where the plugin is not
-installed. A folder that lacks a tensor the structure needs is an error naming the tensors:
-nothing is silently initialised.
+installed. A folder that lacks a tensor the structure needs, or holds one it has no place for,
+is an error naming the tensors: nothing is silently initialised or dropped.
 
 Load-time inference options (``svdllm_runtime`` in config.json, or
 ``from_pretrained(..., svdllm_runtime={...})``) are applied by ``_apply_runtime_options`` after
@@ -41,7 +41,7 @@ MODEL_TYPE = "svdllm"
 CONFIG_KEY = "svdllm"  # config.json: {"version", "format", "ranks", "base_model_type", ...}
 RUNTIME_KEY = "svdllm_runtime"  # config.json or from_pretrained kwarg: load-time inference options
 
-__all__ = ["SVDLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM", "auto_map"]
+__all__ = ["SVDLinear", "CompensatedLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM", "auto_map"]
 
 
 class SVDLinear(nn.Module):
@@ -61,6 +61,28 @@ class SVDLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.svd_u(self.svd_v(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class CompensatedLinear(nn.Module):
+    """y = base(x) + lowrank_l(lowrank_r(x)): a quantized Linear plus a low-rank term fitted to its
+    quantization error (``svdllm.compensation`` in config.json names these modules and ranks)."""
+
+    def __init__(self, base: nn.Linear, rank: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base = base
+        self.lowrank_r = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)  # (r, n)
+        self.lowrank_l = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)  # (m, r)
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_r.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lowrank_l(self.lowrank_r(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -111,7 +133,8 @@ class _Entry:
     @classmethod
     def model_class(cls, config) -> type:
         base = _base_class(config, cls._names)
-        return _factorized_class(base, cls._names is MODEL_MAPPING_NAMES) if _ranks(config) else base
+        restructured = _ranks(config) or _compensation(config)
+        return _factorized_class(base, cls._names is MODEL_MAPPING_NAMES) if restructured else base
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -174,6 +197,24 @@ def _ranks(config) -> dict[str, int]:
     return dict((getattr(config, CONFIG_KEY, None) or {}).get("ranks") or {})
 
 
+def _compensation(config) -> dict[str, int]:
+    return dict((getattr(config, CONFIG_KEY, None) or {}).get("compensation") or {})
+
+
+def _compensate(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Wrap the Linears named in ``svdllm.compensation`` (after ``_factorize``: names may be factors)."""
+    for name, r in ranks.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"config.json names {name} as compensated but the model has {type(linear).__name__}"
+            )
+        W = linear.weight
+        layer = CompensatedLinear(linear, r, device=W.device, dtype=W.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
 def _base_class(config, names: dict[str, str]) -> type:
     name = names.get(config.model_type)
     if name is None or not hasattr(transformers, name):
@@ -203,6 +244,10 @@ def _factorized_class(base: type, base_model: bool) -> type:
             prefix = f"{base.base_model_prefix}." if base_model else ""
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}
             _factorize(self, ranks)
+            compensation = _compensation(config)
+            _compensate(
+                self, {n.removeprefix(prefix): r for n, r in compensation.items() if n.startswith(prefix)}
+            )
             for module in (self, getattr(self, base.base_model_prefix, None)):
                 if isinstance(getattr(module, "_tp_plan", None), dict) and ranks:
                     module._tp_plan = _factorized_tp_plan(module._tp_plan)
@@ -219,7 +264,7 @@ def _factorized_class(base: type, base_model: bool) -> type:
                 output_loading_info=True,
                 **kwargs,
             )
-            if _ranks(config):
+            if _ranks(config) or _compensation(config):
                 _check_complete(model, info, pretrained_model_name_or_path)
                 model = _apply_runtime_options(model, config, runtime)
             return (model, info) if want_info else model
@@ -310,12 +355,20 @@ def _holder_class(cls: type) -> type:
 
 
 def _check_complete(model, info: dict, folder) -> None:
-    """A tensor the structure needs but the folder lacks would be randomly initialised: refuse."""
+    """A tensor the structure needs but the folder lacks would be randomly initialised, and one it
+    has no place for (a stale dense ``q_proj.weight`` beside the factors) would be dropped: refuse
+    both, as the plugin's loader does."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ValueError(
             f"{folder} is incomplete: {len(missing)} tensors the factorized structure needs are not in the "
             f"checkpoint (e.g. {missing[:5]}); they would be randomly initialised"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        raise ValueError(
+            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
+            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
         )
 
 

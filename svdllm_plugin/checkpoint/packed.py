@@ -43,9 +43,14 @@ def save_packed(model, folder: Path) -> None:
     decompress again on the next forward pass; the values are unchanged.
     """
     from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.offload import as_single_threaded
 
     compressor = ModelCompressor.from_pretrained_model(model)  # int weight-only infers pack-quantized
-    compressor.compress_model(model, skip_compressed=True)
+    # Under torchrun only rank 0 saves; compress_model would split the modules over the ranks and
+    # exchange results (a collective the waiting ranks never join: a deadlock). Locally, as
+    # compressed-tensors' own decompress-on-forward hook does for a subset of ranks.
+    with as_single_threaded():
+        compressor.compress_model(model, skip_compressed=True)
     type(model).save_pretrained(model, folder)  # the class method: skips an instance-level wrapper
     compressor.update_config(folder)
 

@@ -18,9 +18,9 @@ from svdllm_plugin.atomic import atomic_output_dir
 from svdllm_plugin.checkpoint import format as fmt
 from svdllm_plugin.checkpoint.card import write_model_card
 from svdllm_plugin.checkpoint.packed import is_quantized, load_packed_weights, save_packed
-from svdllm_plugin.layers import SVDLinear, factorized_ranks, replace_module
+from svdllm_plugin.layers import CompensatedLinear, SVDLinear, factorized_ranks, replace_module
 
-__all__ = ["save_pretrained", "load_pretrained", "factorize_structure"]
+__all__ = ["save_pretrained", "load_pretrained", "factorize_structure", "compensate_structure"]
 
 
 def save_pretrained(
@@ -82,6 +82,7 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, **kwargs):
     with no_init_weights():  # every parameter is overwritten by the checkpoint below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     factorize_structure(model, record["ranks"])
+    compensate_structure(model, record.get("compensation") or {})
     if kind == fmt.PACKED:
         load_packed_weights(model, folder)
         model.to(dtype)
@@ -110,6 +111,18 @@ def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
             dtype=W.dtype,
         )
         replace_module(model, name, layer)
+
+
+def compensate_structure(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Wrap the named Linears as (uninitialised) CompensatedLinear of the given ranks."""
+    for name, r in ranks.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"checkpoint names {name} as compensated but the model has {type(linear).__name__}"
+            )
+        W = linear.weight
+        replace_module(model, name, CompensatedLinear(linear, r, device=W.device, dtype=W.dtype))
 
 
 def _load_dense_weights(model: nn.Module, folder: Path) -> None:

@@ -31,9 +31,24 @@ def _latent_kv_cache(model, value):
     return enable_latent_kv_cache(model)[0] if value else model
 
 
+def _decode(model, value):
+    """``decode: graph``: generate decodes with a static KV cache and a compiled step (CUDA graphs
+    on a GPU); ``decode: eager`` leaves transformers' default."""
+    if value not in ("eager", "graph"):
+        raise ValueError(f"svdllm_runtime option decode must be 'eager' or 'graph'; got {value!r}")
+    if value == "eager":
+        return model
+    try:  # in a compressed folder: the copy written beside this file
+        from .svdllm_graph import enable_graph_decode
+    except ImportError:  # inside the plugin package
+        from svdllm_plugin.inference.graph import enable_graph_decode
+    return enable_graph_decode(model)
+
+
 OPTIONS: dict = {  # option name -> function(model, value) -> model
     "fuse": _fuse,
     "latent_kv_cache": _latent_kv_cache,
+    "decode": _decode,
 }
 
 
@@ -41,6 +56,11 @@ def apply_runtime_options(model, options: dict):
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown svdllm_runtime options {unknown}; this folder supports {sorted(OPTIONS)}")
+    if options.get("decode") == "graph" and options.get("latent_kv_cache"):
+        raise ValueError(
+            "svdllm_runtime: decode: graph needs a static KV cache and latent_kv_cache is a dynamic one; "
+            "set only one of them"
+        )
     for name, value in options.items():
         model = OPTIONS[name](model, value)
     return model

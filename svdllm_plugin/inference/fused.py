@@ -91,10 +91,21 @@ def _input_weight(module: nn.Module) -> tuple[torch.Tensor, nn.Linear | None, to
     return module.weight.detach(), None, module.bias
 
 
+def _has_float_weight(linear: nn.Module) -> bool:
+    """False for a packed quantized Linear (compressed-tensors replaced ``weight`` by ``weight_packed``):
+    its stored integers cannot join a float GEMM, so its group stays unfused."""
+    weight = linear._parameters.get("weight")
+    return weight is not None and weight.is_floating_point()
+
+
 def _fusable(module) -> bool:
     if is_factorized(module):
-        return module.svd_v.bias is None and not getattr(module, "pending", False)
-    return type(module) is nn.Linear
+        return (
+            module.svd_v.bias is None
+            and not getattr(module, "pending", False)
+            and _has_float_weight(module.svd_v)
+        )
+    return type(module) is nn.Linear and _has_float_weight(module)
 
 
 def fuse_shared_inputs(
@@ -108,6 +119,8 @@ def fuse_shared_inputs(
     keeps its name and its ``svd_u`` child, so hooks and the latent KV cache still find it.
     The fused model computes the same function up to float rounding; it is for inference
     (the stacked weight is a new tensor: the members' old ``svd_v`` weights are released).
+    Groups with packed quantized members (a W4/W3 folder loaded by transformers) are left as
+    they are: their quantized kernels already read the weights once per member.
     """
     fused = 0
     for parent in list(model.modules()):

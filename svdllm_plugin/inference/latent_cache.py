@@ -7,6 +7,10 @@ the layer rebuilds, for all cached positions,
 
     K = RoPE(svd_u_k(M_k), cos, sin)    V = svd_u_v(M_v)
 
+with the architecture's own RoPE function (``apply_rotary_pos_emb`` of its modeling file:
+Cohere's is interleaved) and none on layers without RoPE (SmolLM3's ``no_rope_layers``).
+Attentions that change K otherwise (q/k norms, partial rotary) are refused.
+
 RoPE is position dependent, so K cannot be folded into q; the cos/sin of each cached
 position are kept once for the whole model (not per layer).
 
@@ -31,6 +35,7 @@ Only torch and transformers are imported (the file can sit in a checkpoint folde
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -60,9 +65,37 @@ def latent_layers(model: nn.Module) -> dict[int, tuple[bool, bool]]:
     return {a.layer_idx: (factorized(a.k_proj), factorized(a.v_proj)) for a in _attention_modules(model)}
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+# Attention classes whose keys are exactly RoPE(k_proj(x)) through their module's own
+# ``apply_rotary_pos_emb`` (Cohere's is interleaved), or k_proj(x) on SmolLM3's no-RoPE layers
+# (``use_rope`` False). Each is checked with sharp attention in tests/test_latent_cache_archs.py;
+# anything else (q/k norms, partial rotary, clipped qkv, other RoPE layouts) is refused.
+SUPPORTED_ATTENTION = frozenset(
+    {
+        "LlamaAttention",
+        "MistralAttention",
+        "Qwen2Attention",
+        "GraniteAttention",
+        "CohereAttention",
+        "SmolLM3Attention",
+    }
+)
+_KEY_TRANSFORMS = ("k_norm", "q_norm", "qk_norm", "rotary_ndims", "clip_qkv")
+
+
+def _rope_of(attn: nn.Module):
+    """The architecture's own ``apply_rotary_pos_emb`` (q, k, cos, sin) -> (q, k), or None for a
+    layer without RoPE; raises for an attention whose keys the cache cannot rebuild exactly."""
+    name = type(attn).__name__
+    transform = next((t for t in _KEY_TRANSFORMS if getattr(attn, t, None) is not None), None)
+    if name not in SUPPORTED_ATTENTION or transform is not None:
+        why = f"transforms K by {transform!r}" if transform else "is not one of the checked layouts"
+        raise ValueError(
+            f"latent KV cache: {name} {why}, so keys rebuilt from the latent would be wrong; supported: "
+            f"{sorted(SUPPORTED_ATTENTION)} without q/k norms; load without latent_kv_cache"
+        )
+    if not getattr(attn, "use_rope", True):
+        return None
+    return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
 def _record(slot: str, attn: nn.Module, module, args):
@@ -102,9 +135,9 @@ def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True, fold_v
     ``past_key_values=make_cache()`` to ``model(...)`` or ``model.generate(...)``. With
     ``patch_generate`` (default) ``model.generate`` uses one whenever no cache is passed,
     which makes the latent cache a load-time option. ``fold_values`` (default) applies V's
-    up-projection after attention when decoding (see the module docstring). Requires
-    Llama-style attention (RoPE through ``position_embeddings``, no k_norm) and at least one
-    factorized k_proj/v_proj.
+    up-projection after attention when decoding (see the module docstring). Requires an
+    attention of ``SUPPORTED_ATTENTION`` (keys are RoPE(k_proj(x)) or, on no-RoPE layers,
+    k_proj(x)) and at least one factorized k_proj/v_proj; any other is refused.
     """
     attns = _attention_modules(model)
     kinds = latent_layers(model)
@@ -113,8 +146,8 @@ def enable_latent_kv_cache(model: nn.Module, patch_generate: bool = True, fold_v
             "latent KV cache: no attention layer has a factorized k_proj or v_proj (svd_u, svd_v)"
         )
     for attn in attns:
-        if hasattr(attn, "k_norm"):
-            raise ValueError(f"latent KV cache: {type(attn).__name__} normalizes K before RoPE (unsupported)")
+        _rope_of(attn)  # refuses, before any hook, an attention the cache cannot rebuild exactly
+    for attn in attns:
         if hasattr(attn, _STATE):
             continue  # hooks already installed
         setattr(attn, _STATE, {})
@@ -159,6 +192,13 @@ class _RopeStore:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.cos, self.sin) if t is not None]
 
+    def map(self, fn) -> None:
+        if self.cos is not None:
+            self.cos, self.sin = fn(self.cos), fn(self.sin)
+
+    def clear(self) -> None:
+        self.cos = self.sin = None
+
 
 class LatentLayer(DynamicLayer):
     """One attention layer's cache: latents for factorized k/v, plain tensors for dense ones."""
@@ -169,6 +209,7 @@ class LatentLayer(DynamicLayer):
     def __init__(self, attn: nn.Module, rope: _RopeStore, owns_rope: bool, fold_values: bool = True):
         super().__init__()
         self.attn, self.rope, self.owns_rope, self.fold_values = attn, rope, owns_rope, fold_values
+        self.apply_rope = _rope_of(attn)
         self.latent_k: torch.Tensor | None = None  # (batch, T, r_k)
         self.latent_v: torch.Tensor | None = None  # (batch, T, r_v)
         self.length = 0
@@ -212,8 +253,9 @@ class LatentLayer(DynamicLayer):
 
     def _rebuild_keys(self, like: torch.Tensor) -> torch.Tensor:
         K = self._heads(self.attn.k_proj.svd_u(self.latent_k), like)  # (batch, kv_heads, T, head_dim)
-        cos, sin = self.rope.cos.unsqueeze(1), self.rope.sin.unsqueeze(1)
-        return K * cos + _rotate_half(K) * sin
+        if self.apply_rope is None:  # a layer without RoPE (SmolLM3's no_rope_layers)
+            return K
+        return self.apply_rope(K, K, self.rope.cos, self.rope.sin)[1]  # the architecture's own RoPE
 
     def get_seq_length(self) -> int:
         return self.length
@@ -239,6 +281,28 @@ class LatentLayer(DynamicLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.latent_k, self.latent_v, self.keys, self.values) if t is not None]
+
+    def _map(self, fn) -> None:
+        for name in ("latent_k", "latent_v", "keys", "values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        if self.owns_rope:
+            self.rope.map(fn)
+
+    def offload(self) -> None:
+        """Move what this layer holds (latents, dense K/V, the shared cos/sin if it owns them) to CPU."""
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        """Empty the layer (the cache object is kept for the next generation)."""
+        self.latent_k = self.latent_v = self.keys = self.values = None
+        self.length = 0
+        if self.owns_rope:
+            self.rope.clear()
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("LatentKVCache supports greedy/sampled generation, not beam search")

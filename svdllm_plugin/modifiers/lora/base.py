@@ -24,23 +24,74 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, PrivateAttr, ValidationInfo, model_validator
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear
+from svdllm_plugin.modifiers.checks import Modules, PositiveInt, as_list
 from svdllm_plugin.modifiers.lora.train import LoraSettings, RoundResult, train_round
 
 __all__ = ["SequentialLoRAModifier"]
 
 Round = Literal["u", "v", "uv"]
 _FP16_NAMES = {"float16", "fp16", "half", "torch.float16"}
+
+
+# ---- validation: one Annotated type per rule, its message naming the field and the fix -------
+def _check_order(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError('`order` needs at least one round, e.g. ["u", "v"]')
+    return value
+
+
+def _refuse_fp16(value):
+    if str(value).lower() in _FP16_NAMES:
+        raise ValueError(
+            f"`dtype` {value!r} is not supported: float16 collapsed the LoRA loss to 0 in the "
+            "reference code; use 'bfloat16' or 'float32'"
+        )
+    return value
+
+
+def _check_steps(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"`steps` must be a positive integer, or null to use `epochs`; got {value}")
+    return value
+
+
+def _check_positive(value: float, info: ValidationInfo) -> float:
+    if not value > 0:
+        raise ValueError(f"`{info.field_name}` must be > 0; got {value}")
+    return value
+
+
+def _check_dropout(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1); got {value}")
+    return value
+
+
+def _check_seq_len(value: int) -> int:
+    from svdllm_plugin.data import check_seq_len
+
+    return check_seq_len(value, option="SequentialLoRAModifier")
+
+
+def _check_eval_windows(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"`eval_windows` must be >= 0 (0 turns held-out perplexity off); got {value}")
+    return value
+
+
+Rounds = Annotated[list[Round], BeforeValidator(as_list), AfterValidator(_check_order)]
+Positive = Annotated[float, AfterValidator(_check_positive)]
 
 
 class SequentialLoRAModifier(Modifier):
@@ -71,93 +122,28 @@ class SequentialLoRAModifier(Modifier):
     :param seed: seeds the training windows, the LoRA initialisation, dropout and shuffling.
     """
 
-    targets: list[str] = Field(default_factory=lambda: ["SVDLinear"])
-    ignore: list[str] = Field(default_factory=list)
-    order: list[Round] = Field(default_factory=lambda: ["u", "v"])
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 1e-4
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 4
-    num_samples: int = 128
-    seq_len: int = 256
+    targets: Modules = Field(default_factory=lambda: ["SVDLinear"])
+    ignore: Modules = Field(default_factory=list)
+    order: Rounds = Field(default_factory=lambda: ["u", "v"])
+    r: PositiveInt = 8
+    alpha: Positive = 16.0
+    dropout: Annotated[float, AfterValidator(_check_dropout)] = 0.05
+    lr: Positive = 1e-4
+    steps: Annotated[int, AfterValidator(_check_steps)] | None = None
+    epochs: Positive = 1.0
+    batch_size: PositiveInt = 4
+    num_samples: PositiveInt = 128
+    seq_len: Annotated[int, AfterValidator(_check_seq_len)] = 256
     dataset: str | None = None
     tokenizer: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    eval_windows: int = 16
+    dtype: Annotated[Literal["float32", "bfloat16"], BeforeValidator(_refuse_fp16)] = "float32"
+    eval_windows: Annotated[int, AfterValidator(_check_eval_windows)] = 16
     seed: int = 0
 
     _layer_names: list[str] = PrivateAttr(default_factory=list)
     _samples: torch.Tensor | None = PrivateAttr(default=None)  # (num_samples, seq_len)
     _held_out: torch.Tensor | None = PrivateAttr(default=None)  # (eval_windows, seq_len)
     _records: list[dict] = PrivateAttr(default_factory=list)
-
-    # ---- validation -----------------------------------------------------------------
-    @field_validator("targets", "ignore", "order", mode="before")
-    @classmethod
-    def _as_list(cls, value):
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("order")
-    @classmethod
-    def _check_order(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError('`order` needs at least one round, e.g. ["u", "v"]')
-        return value
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _refuse_fp16(cls, value):
-        if str(value).lower() in _FP16_NAMES:
-            raise ValueError(
-                f"`dtype` {value!r} is not supported: float16 collapsed the LoRA loss to 0 in the "
-                "reference code; use 'bfloat16' or 'float32'"
-            )
-        return value
-
-    @field_validator("r", "batch_size", "num_samples")
-    @classmethod
-    def _check_positive_int(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"`{info.field_name}` must be a positive integer; got {value}")
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _check_steps(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"`steps` must be a positive integer, or null to use `epochs`; got {value}")
-        return value
-
-    @field_validator("alpha", "lr", "epochs")
-    @classmethod
-    def _check_positive(cls, value: float, info) -> float:
-        if not value > 0:
-            raise ValueError(f"`{info.field_name}` must be > 0; got {value}")
-        return value
-
-    @field_validator("dropout")
-    @classmethod
-    def _check_dropout(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1); got {value}")
-        return value
-
-    @field_validator("seq_len")
-    @classmethod
-    def _check_seq_len(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"`seq_len` must be at least 2 (one token predicts the next); got {value}")
-        return value
-
-    @field_validator("eval_windows")
-    @classmethod
-    def _check_eval_windows(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"`eval_windows` must be >= 0 (0 turns held-out perplexity off); got {value}")
-        return value
 
     @model_validator(mode="after")
     def _check_steps_or_epochs(self):

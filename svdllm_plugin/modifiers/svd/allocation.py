@@ -198,7 +198,7 @@ def allocate_by_sensitivity(
     excess = removed(ranks) - target_removed
     order = sorted(matrices, key=lambda m: -_next_gain(m, ranks[m.name], multiple))
     for mat in order:
-        step = multiple * (mat.m + mat.n)
+        step = params_of(mat.m, mat.n, multiple)
         while excess >= step and ranks[mat.name] + multiple <= mat.max_rank:
             ranks[mat.name] += multiple
             excess -= step

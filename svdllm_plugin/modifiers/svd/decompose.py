@@ -111,10 +111,13 @@ def round_ranks(shapes: list[tuple[int, int, float]], multiple: int = 1) -> list
     return ranks
 
 
-def removed_fraction(shapes: list[tuple[int, int]], ranks: list[int]) -> float:
-    """Fraction of the matrices' parameters the factors remove (the achieved ratio)."""
+def removed_fraction(shapes: list[tuple[int, int]], ranks: list[int | None]) -> float:
+    """Fraction of the matrices' parameters the factors remove (the achieved ratio).
+
+    A rank of None is a matrix kept dense: its m n parameters stay, nothing is removed.
+    """
     before = sum(m * n for m, n in shapes)
-    after = sum(params_of(m, n, k) for (m, n), k in zip(shapes, ranks))
+    after = sum(m * n if k is None else params_of(m, n, k) for (m, n), k in zip(shapes, ranks))
     return 1.0 - after / before if before else 0.0
 
 

@@ -17,11 +17,13 @@ layer); memory: one copy of one decoder layer's inputs, as the original stream h
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["LayerInputs", "groups_in_order"]
+__all__ = ["LayerInputs", "groups_in_order", "hold_layer_inputs", "replay_groups"]
 
 
 def _to(device: torch.device):
@@ -76,3 +78,47 @@ def groups_in_order(
         if name in ready:
             groups.setdefault(lead, []).append(name)
     return list(groups.values())
+
+
+def hold_layer_inputs(decoders: list[nn.Module], register: Callable) -> LayerInputs:
+    """A ``LayerInputs`` hooked on every decoder layer (``register(module, hook, "forward_pre",
+    with_kwargs=True)``); fails when the model names none."""
+    if not decoders:
+        raise ValueError(
+            "intra_layer reruns each decoder layer, but the model names none "
+            "(model._no_split_modules); set `intra_layer: false`"
+        )
+    inputs = LayerInputs()
+    for layer in decoders:
+        register(layer, inputs.pre_hook, "forward_pre", with_kwargs=True)
+    return inputs
+
+
+def replay_groups(
+    inputs: LayerInputs,
+    collector,
+    layers: dict[str, nn.Module],
+    groups: list[list[str]],
+    keep: set,
+    compress: Callable[[set[str]], None],
+) -> None:
+    """Compress each held decoder layer's input ``groups`` in forward order, rerunning the layer
+    on its held inputs before each later group so that group's statistics see the compressed
+    groups before it. ``collector``: the statistics hooks' collector; ``keep``: the hook handles
+    that stay on during the rerun; ``compress(names)``: compresses the named Linears."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    for layer in list(inputs.held):
+        inside = set(layer.modules())
+        for j, group in enumerate(g for g in groups if layers[g[0]] in inside):
+            if j > 0:  # statistics again, with the groups before this one compressed
+                members = {layers[name] for name in group}
+                collector.release(members)
+                collector.only = members
+                try:
+                    with HooksMixin.disable_hooks(keep=keep):
+                        inputs.replay(layer)
+                finally:
+                    collector.only = None
+                    collector.release_input()
+            compress(set(group))

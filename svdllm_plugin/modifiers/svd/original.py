@@ -19,11 +19,16 @@ one more forward of each decoder layer, the cost of the separate pass it replace
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
+from loguru import logger
 from torch import nn
 
-__all__ = ["OriginalStream", "decoder_layers"]
+from svdllm_plugin.modifiers.svd import passes
+from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
+
+__all__ = ["OriginalStream", "decoder_layers", "carry_original"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -76,3 +81,42 @@ class OriginalStream:
     def release(self) -> None:
         self.hidden.clear()
         self._calls.clear()
+
+
+def carry_original(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    collector: StatisticsCollector,
+    cross: bool,
+    calib,
+    handles: set,
+    register: Callable,
+) -> tuple[StatisticsCollector, OriginalStream | None]:
+    """The original model's statistics beside the propagated ones in ``collector``: (their
+    collector, the stream that feeds it). The stream is carried through the decoder layers
+    (O(one layer) statistics; ``register(module, hook, "forward_pre", with_kwargs=True)`` adds
+    its hook, ``handles`` stay on during its reruns); a model without known decoder layers gets
+    every layer's original X X^T in one pass up front (O(model)) and no stream. ``cross``:
+    the original inputs are held to pair with the propagated ones (C = X X'^T)."""
+    names = collector.names
+    original = StatisticsCollector(names=names, want=frozenset({"H"}), keep_inputs=cross)
+    if cross:
+        collector.pair_with = original
+    decoders = decoder_layers(model)
+    if not decoders and cross:
+        raise ValueError(
+            "update='output' pairs the original and the compressed model's inputs token by token "
+            "through the decoder layers, but the model names none (model._no_split_modules)"
+        )
+    if not decoders:
+        logger.warning(
+            "closed_form_update: no decoder layers found (model._no_split_modules); collecting the "
+            "original statistics of every layer in one pass first (memory grows with the model)"
+        )
+        return passes.collect_statistics(model, layers, calib), None
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    stream = OriginalStream(quiet=lambda: HooksMixin.disable_hooks(keep=handles))
+    for layer in decoders:
+        register(layer, stream.pre_hook, "forward_pre", with_kwargs=True)
+    return original, stream

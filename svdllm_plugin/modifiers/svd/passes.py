@@ -10,12 +10,13 @@ from itertools import islice
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.offload import disable_onloading
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
-from svdllm_plugin.modifiers.svd import distributed
+from svdllm_plugin import distributed
+from svdllm_plugin.modifiers.svd import fisher
+from svdllm_plugin.modifiers.svd.original import decoder_layers
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 
 __all__ = ["fisher_row_importance", "collect_statistics", "calibration_loss"]
@@ -53,49 +54,17 @@ def _device(model: nn.Module):
 
 
 def fisher_row_importance(model: nn.Module, linears: dict[str, nn.Linear], dataloader, limit: int) -> dict:
-    """I_i = sum over batches of sum_j (dL/dW_ij)^2 for every row i of every given Linear.
-
-    Computed from each Linear's input x and output gradient g, dL/dW = sum_t g_t x_t^T, so no
-    weight gradient is needed: with offloading, a weight's ``.grad`` would land on a temporary
-    onloaded copy. Memory: autograd keeps the onloaded weight of every Linear until the
-    backward of the batch, so this pass holds the model's weights once (where they onload:
-    the GPU with sequential onloading) plus one batch's activations; it is the one pass of
-    the modifier that does not run in O(one decoder layer).
-    """
-    importance = {name: torch.zeros(lin.out_features, dtype=torch.float64) for name, lin in linears.items()}
-
-    def observe(name):
-        def hook(module, args, output):
-            x = args[0].detach()
-
-            def accumulate(g):  # g: dL/d output, (..., m); x: (..., n)
-                G = g.reshape(-1, g.shape[-1]).T.double() @ x.reshape(-1, x.shape[-1]).double()  # (m, n)
-                importance[name] += G.pow(2).sum(1).cpu()
-
-            output.register_hook(accumulate)
-
-        return hook
-
-    def needs_grad(module, args, output):  # gradients flow from the embeddings on, to no weight
-        return output.requires_grad_(True)
-
-    handles = [lin.register_forward_hook(observe(name)) for name, lin in linears.items()]
-    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    with disable_onloading():  # flip the stored parameters' flags without reading them
-        flags = {p: p.requires_grad for p in model.parameters()}
-        for p in flags:
-            p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            for batch in tqdm(list(_batches(dataloader, limit, _device(model))), desc="FWSVD Fisher"):
-                model(**batch, labels=batch["input_ids"]).loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-        with disable_onloading():
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
-    return importance
+    """I_i = sum over samples of sum_j (dL_s/dW_ij)^2 for every row i of every given Linear, from
+    the first ``limit`` calibration batches: layer by layer on the execution device, in
+    O(one decoder layer) of memory (``fisher.py``)."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            "row_weighting: fisher (and method: fwsvd) runs the backward layer by layer, but the model "
+            "names no decoder layers (model._no_split_modules); use `row_weighting: none`"
+        )
+    device = fisher.execution_device(model)
+    return fisher.fisher_by_layer(model, linears, _batches(dataloader, limit, device), layers)
 
 
 @torch.no_grad()

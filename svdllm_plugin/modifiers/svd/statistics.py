@@ -7,11 +7,12 @@ sees the same tensor object for each of them within one forward, and groups them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["InputStatistics", "StatisticsCollector"]
+__all__ = ["InputStatistics", "StatisticsCollector", "STATISTICS"]
 
 
 @dataclass
@@ -25,18 +26,19 @@ class InputStatistics:
     C: torch.Tensor | None = None  # (n, n) float64: sum x_orig x^T, for the output-matching update
 
     @classmethod
-    def empty(cls, n: int, device) -> "InputStatistics":
+    def empty(cls, n: int, device, want: frozenset = frozenset({"H", "abs"})) -> "InputStatistics":
+        """Zeros to accumulate into; X X^T is (0, 0) unless ``want`` has "H" (the n x n float64
+        matrix is 1.4 GB for a 7B down_proj input, and svd / fwsvd / asvd never read it)."""
         zeros = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(n, n, **zeros), torch.zeros(n, **zeros), torch.zeros(n, **zeros))
+        H = torch.zeros(n, n, **zeros) if "H" in want else torch.zeros(0, 0, **zeros)
+        return cls(H, torch.zeros(n, **zeros), torch.zeros(n, **zeros))
 
     def add(self, x: torch.Tensor, want: frozenset = frozenset({"H", "abs"})) -> None:
         """Accumulate only what the method reads: X X^T costs n/m times the layer's own matmul."""
         X = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, n)
-        if "H" in want:  # in float64 per batch: a float32 X^T X loses digits before the sum
-            self.H.addmm_(X.T, X)
-        if "abs" in want:
-            self.abs_sum += X.abs().sum(0).to(torch.float64)
-            self.abs_max = torch.maximum(self.abs_max, X.abs().amax(0).to(torch.float64))
+        for key, accumulate in STATISTICS.items():
+            if key in want:
+                accumulate(self, X)
         self.tokens += X.shape[0]
 
     def add_cross(self, x_original: torch.Tensor, x: torch.Tensor) -> None:
@@ -64,6 +66,19 @@ class InputStatistics:
         return self.C / max(self.tokens, 1)
 
 
+def _add_H(stats: InputStatistics, X: torch.Tensor) -> None:
+    stats.H.addmm_(X.T, X)  # in float64 per batch: a float32 X^T X loses digits before the sum
+
+
+def _add_abs(stats: InputStatistics, X: torch.Tensor) -> None:
+    stats.abs_sum += X.abs().sum(0).to(torch.float64)
+    stats.abs_max = torch.maximum(stats.abs_max, X.abs().amax(0).to(torch.float64))
+
+
+# what a method may read (``MethodSpec.statistics``): name -> how a batch X (tokens, n) is added
+STATISTICS: dict[str, Callable[[InputStatistics, torch.Tensor], None]] = {"H": _add_H, "abs": _add_abs}
+
+
 @dataclass
 class StatisticsCollector:
     """Routes each module's input to its group's accumulator."""
@@ -75,10 +90,13 @@ class StatisticsCollector:
     keep_inputs: bool = False  # hold each group's last input (the original stream, for pairing)
     pair_with: "StatisticsCollector | None" = None  # its held inputs pair with ours into C
     inputs: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    only: set[nn.Module] | None = None  # an intra-layer replay collects one input group
     _last_input: torch.Tensor | None = None
     _last_module: nn.Module | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.only is not None and module not in self.only:
+            return
         x = args[0]
         if not torch.isfinite(x).all():
             raise ValueError(
@@ -93,7 +111,7 @@ class StatisticsCollector:
         lead = self.leader[module]
         if lead is module:
             if lead not in self.stats:
-                self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device)
+                self.stats[lead] = InputStatistics.empty(x.shape[-1], x.device, self.want)
             self.stats[lead].add(x.detach(), self.want)
             if self.keep_inputs:  # one batch of one layer's inputs at a time: consumed by the pair
                 self.inputs[lead] = x.detach()

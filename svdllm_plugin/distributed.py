@@ -121,6 +121,7 @@ def decompose_on_owners(
     if not is_distributed():
         return {name: decompose(name) for name in jobs}
     rank, world = dist.get_rank(), dist.get_world_size()
+    _check_same_jobs(list(jobs))
     groups: dict[int, list[str]] = {}
     for name, (_, stats) in jobs.items():
         groups.setdefault(id(stats[0]), []).append(name)
@@ -131,8 +132,30 @@ def decompose_on_owners(
     owner = {name: owner_of_group[key] for key in keys for name in groups[key]}
 
     _reduce_statistics(jobs, groups, keys, owner_of_group, want)
-    results = {name: decompose(name) for name in jobs if owner[name] == rank}
-    return _broadcast_results(list(jobs), owner, results)
+    results, error = {}, None
+    for name in (n for n in jobs if owner[n] == rank):
+        try:
+            results[name] = decompose(name)
+        except Exception as caught:  # every rank must learn of it, or they wait in the broadcast
+            error = f"{name}: {type(caught).__name__}: {caught}"
+            break
+    return _broadcast_results(list(jobs), owner, results, error)
+
+
+def _check_same_jobs(names: list[str]) -> None:
+    """Every rank must decompose the same modules in the same order, or the collectives pair up
+    wrongly (or wait forever): a module that saw calibration tokens on some ranks only (an MoE
+    expert no token of a rank was routed to) is an error on every rank, not a hang."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, names)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            only = sorted(set(theirs) ^ set(everyone[0]))[:3]
+            raise RuntimeError(
+                f"torchrun ranks 0 and {rank} have different modules ready to decompose (e.g. {only}): a "
+                "module saw calibration tokens on some ranks only; give every rank more samples "
+                "(--num-samples) or compress in one process"
+            )
 
 
 def _reduce_statistics(jobs, groups, keys, owner_of_group, want) -> None:
@@ -154,8 +177,11 @@ def _reduce_statistics(jobs, groups, keys, owner_of_group, want) -> None:
                 _comm(dist.all_reduce, getattr(stats, field), op=op)
 
 
-def _broadcast_results(names: list[str], owner: dict[str, int], results: dict[str, tuple]) -> dict:
-    """Every rank gets every (Factors, seconds): shapes first, then the tensors."""
+def _broadcast_results(
+    names: list[str], owner: dict[str, int], results: dict[str, tuple], error: str | None = None
+) -> dict:
+    """Every rank gets every (Factors, seconds): shapes first, then the tensors. A decomposition
+    that failed on its owner (``error``) is raised on every rank."""
     from svdllm_plugin.modifiers.svd.decompose import Factors
 
     meta = {
@@ -163,8 +189,12 @@ def _broadcast_results(names: list[str], owner: dict[str, int], results: dict[st
         for name, (f, seconds) in results.items()
     }
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, meta)
-    meta = {name: info for part in everyone for name, info in part.items()}
+    dist.all_gather_object(everyone, (meta, error))
+    failed = [(rank, e) for rank, (_, e) in enumerate(everyone) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"decomposition failed on torchrun rank {rank}: {message}")
+    meta = {name: info for part, _ in everyone for name, info in part.items()}
     device = _backend_device()
     out = {}
     for name in names:
