@@ -46,6 +46,11 @@ def check_config(config) -> dict[str, int]:
             f"svdllm_vllm serves base architectures {list(SUPPORTED)}; this folder's is {base_type!r}: "
             f'serve it with LLM(..., model_impl="transformers")'
         )
+    if record.get("compensation"):
+        raise ValueError(
+            "svdllm_vllm does not serve compensated folders (svdllm.compensation: quantized Linears plus "
+            'a low-rank term); try LLM(..., model_impl="transformers")'
+        )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"svdllm_vllm needs hidden_act 'silu'; got {config.hidden_act!r}")
     _check_quantized_kernel(config)
