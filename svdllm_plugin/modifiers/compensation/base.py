@@ -30,9 +30,9 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
+from svdllm_plugin import distributed
 from svdllm_plugin.layers import CompensatedLinear, replace_module
 from svdllm_plugin.modifiers.compensation import fit, steps
-from svdllm_plugin.modifiers.svd import distributed
 from svdllm_plugin.modifiers.svd.decompose import Factors, whiten_cholesky, whiten_eigh
 from svdllm_plugin.modifiers.svd.statistics import StatisticsCollector
 

@@ -14,9 +14,9 @@ import torch
 from loguru import logger
 from torch import nn
 
+from svdllm_plugin import distributed
 from svdllm_plugin.layers import CompensatedLinear
 from svdllm_plugin.modifiers.compensation import fit
-from svdllm_plugin.modifiers.svd import distributed
 from svdllm_plugin.offload import write_parameter
 
 __all__ = [
