@@ -341,7 +341,8 @@ def _holder_class(cls: type) -> type:
 
     Code that caches per module class what it learnt from one instance (vLLM's Transformers
     backend traces one attention per class to fuse its q/k/v Linears) must not apply what a
-    dense-kept layer taught it to a factorized one.
+    dense-kept layer taught it to a factorized one. It keeps the base's ``__module__``: code that
+    finds the architecture's functions through it (the latent KV cache's rotary) still does.
     """
     if getattr(cls, "_svdllm_holder", False):
         return cls
@@ -349,7 +350,7 @@ def _holder_class(cls: type) -> type:
         _HOLDERS[cls] = type(
             cls.__name__,
             (cls,),
-            {"__module__": __name__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
         )
     return _HOLDERS[cls]
 
