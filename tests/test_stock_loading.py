@@ -206,7 +206,9 @@ def test_fused_packed_folder_loads_through_the_stock_path(work, stock):
 def test_folder_layout(work):
     config = json.loads((work / "w4" / "config.json").read_text())
     assert config["model_type"] == "svdllm" and config["architectures"] == ["SVDLLMForCausalLM"]
-    assert config["auto_map"]["AutoModel"] == "modeling_svdllm.SVDLLMModel"  # what vLLM's backend reads
+    # what vLLM's Transformers backend reads: the base architecture's own classes, factorized
+    assert config["auto_map"]["AutoModel"] == "modeling_svdllm.LlamaModel"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_svdllm.LlamaForCausalLM"
     assert config["svdllm"]["base_model_type"] == "llama" and config["svdllm"]["format"] == "packed"
     files = {p.name for p in (work / "w4").iterdir()}
     assert {"modeling_svdllm.py", "svdllm_runtime.py", "svdllm_fused.py", "svdllm_latent_cache.py"} <= files

@@ -5,7 +5,7 @@
 - ``packed``: the compressed-tensors pack-quantized half of it.
 - ``card``: the folder's README.md.
 - ``modeling_svdllm.py`` / ``svdllm_runtime.py``: copied into every folder for stock transformers;
-  never imported by the plugin itself.
+  the plugin imports the first only for the auto_map entries it writes.
 
 Nothing here imports llmcompressor; compressed-tensors only inside the packed functions.
 """

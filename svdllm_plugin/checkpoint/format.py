@@ -5,7 +5,8 @@ config.json says how to rebuild the factor structure, under the key ``svdllm``:
 
     "model_type": "svdllm",                      # stock loaders without the modeling file refuse it
     "architectures": ["SVDLLMForCausalLM"],
-    "auto_map": {"AutoConfig": "modeling_svdllm.SVDLLMConfig", "AutoModel": ..., ...},
+    "auto_map": {"AutoConfig": "modeling_svdllm.SVDLLMConfig",
+                 "AutoModel": "modeling_svdllm.LlamaModel", ...},  # the factorized base classes
     "svdllm": {
         "version": "0.x",                        # the plugin that wrote it
         "format": "dense" | "packed" | "gptq",   # float factors, compressed-tensors pack-quantized,
@@ -62,11 +63,6 @@ MODELING_FILES = {
     "svdllm_fused.py": "inference/fused.py",  # torch + transformers only, like the two above
     "svdllm_latent_cache.py": "inference/latent_cache.py",
     "svdllm_graph.py": "inference/graph.py",
-}
-AUTO_MAP = {
-    "AutoConfig": "modeling_svdllm.SVDLLMConfig",
-    "AutoModel": "modeling_svdllm.SVDLLMModel",
-    "AutoModelForCausalLM": "modeling_svdllm.SVDLLMForCausalLM",
 }
 
 
@@ -131,10 +127,16 @@ def write_config(folder: Path, record: dict, dtype: torch.dtype | None = None) -
     ``dtype``: the float dtype the tensors were written in (config.json ``dtype``, which
     ``from_pretrained(dtype="auto")`` loads them as).
     """
+    from svdllm_plugin.checkpoint.modeling_svdllm import auto_map  # the one rule for the class names
+
     folder = Path(folder)
     config = read_config(folder)
     config.pop(CONFIG_KEY, None)
-    config.update(model_type=MODEL_TYPE, architectures=["SVDLLMForCausalLM"], auto_map=dict(AUTO_MAP))
+    config.update(
+        model_type=MODEL_TYPE,
+        architectures=["SVDLLMForCausalLM"],
+        auto_map=auto_map(record["base_model_type"]),
+    )
     config[CONFIG_KEY] = record
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -150,11 +152,16 @@ def register_auto_config() -> None:
     Without it, every ``AutoConfig`` / ``AutoTokenizer.from_pretrained(folder)`` asks whether to
     run the folder's code (``model_type`` svdllm is unknown). Registered lazily, by the loader,
     so that importing the plugin changes nothing in transformers. The class only carries the
-    keys (its ``model_type`` stays svdllm, so ``AutoModelForCausalLM`` still refuses the folder
-    without ``trust_remote_code``); the model itself is built from :func:`base_config`.
+    keys; the model itself is built from :func:`base_config`. ``AutoModel`` /
+    ``AutoModelForCausalLM`` map it to the package's own copy of the folder's entry classes
+    (they convert it to the base config): the folder's auto_map names the factorized base classes
+    (``LlamaForCausalLM``, whose ``config_class`` transformers would find inconsistent with this
+    carrier), and in this process the plugin's code is the folder's code.
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from svdllm_plugin.checkpoint.modeling_svdllm import SVDLLMForCausalLM, SVDLLMModel
 
     if MODEL_TYPE in CONFIG_MAPPING:
         return
@@ -163,6 +170,8 @@ def register_auto_config() -> None:
         model_type = MODEL_TYPE
 
     AutoConfig.register(MODEL_TYPE, SVDLLMFolderConfig, exist_ok=True)
+    AutoModel.register(SVDLLMFolderConfig, SVDLLMModel, exist_ok=True)
+    AutoModelForCausalLM.register(SVDLLMFolderConfig, SVDLLMForCausalLM, exist_ok=True)
 
 
 def tied_keys(model) -> set[str]:

@@ -4,14 +4,20 @@
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 config.json names ``svdllm`` as its ``model_type`` and maps ``AutoConfig`` / ``AutoModel`` /
-``AutoModelForCausalLM`` to the classes below (``auto_map``). ``SVDLLMConfig`` returns the base
-architecture's own config class (``svdllm.base_model_type``, e.g. ``llama``); the model classes
-build that architecture's stock transformers class (looked up in transformers' auto mappings)
-and replace every Linear listed in ``svdllm.ranks`` by two Linears, ``svd_v`` (rank x in) and
-``svd_u`` (out x rank, with the original bias). Everything else, quantized weights included,
-is stock transformers: a ``quantization_config`` (compressed-tensors pack-quantized) is loaded
-by transformers' own compressed-tensors quantizer, which binds to the ``svd_u`` / ``svd_v``
-Linears like to any other.
+``AutoModelForCausalLM`` to classes of this module (``auto_map``). ``SVDLLMConfig`` returns the
+base architecture's own config class (``svdllm.base_model_type``, e.g. ``llama``). The model
+entries name the base architecture's own classes (``modeling_svdllm.LlamaForCausalLM``,
+``modeling_svdllm.LlamaModel``): this module defines them on first access (module
+``__getattr__``) as real subclasses of the stock transformers classes whose ``__init__`` replaces
+every Linear listed in ``svdllm.ranks`` by two Linears, ``svd_v`` (rank x in) and ``svd_u``
+(out x rank, with the original bias). Being ``PreTrainedModel`` subclasses with the base's
+attention-interface support, they are what vLLM's Transformers backend accepts
+(``LLM(model=folder, trust_remote_code=True)``); their tensor-parallel plan splits each
+factorized projection so the math stays exact (``_factorized_tp_plan``). Folders that name
+``SVDLLMForCausalLM`` / ``SVDLLMModel`` in their auto_map (written before) still load.
+Everything else, quantized weights included, is stock transformers: a ``quantization_config``
+(compressed-tensors pack-quantized) is loaded by transformers' own compressed-tensors quantizer,
+which binds to the ``svd_u`` / ``svd_v`` Linears like to any other.
 
 This file imports only torch and transformers, so the folder loads where the plugin is not
 installed. A folder that lacks a tensor the structure needs, or holds one it has no place for,
@@ -35,7 +41,7 @@ MODEL_TYPE = "svdllm"
 CONFIG_KEY = "svdllm"  # config.json: {"version", "format", "ranks", "base_model_type", ...}
 RUNTIME_KEY = "svdllm_runtime"  # config.json or from_pretrained kwarg: load-time inference options
 
-__all__ = ["SVDLinear", "CompensatedLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM"]
+__all__ = ["SVDLinear", "CompensatedLinear", "SVDLLMConfig", "SVDLLMModel", "SVDLLMForCausalLM", "auto_map"]
 
 
 class SVDLinear(nn.Module):
@@ -132,26 +138,10 @@ class _Entry:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        if config is None:
-            config_kwargs = {
-                k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
-            }
-            config = SVDLLMConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
-        config = SVDLLMConfig.to_base(config)
-        _refuse_transforms(config, pretrained_model_name_or_path)
-        model_class = cls.model_class(config)
-        if not (_ranks(config) or _compensation(config)):  # a plain model (this class stays registered)
-            return model_class.from_pretrained(
-                pretrained_model_name_or_path, *model_args, config=config, **kwargs
-            )
-        runtime = kwargs.pop(RUNTIME_KEY, None)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = model_class.from_pretrained(
-            pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+        config = _folder_config(pretrained_model_name_or_path, config, kwargs)
+        return cls.model_class(config).from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, **kwargs
         )
-        _check_complete(model, info, pretrained_model_name_or_path)
-        model = _apply_runtime_options(model, config, runtime)
-        return (model, info) if want_info else model
 
     @classmethod
     def _from_config(cls, config, **kwargs):
@@ -178,16 +168,48 @@ def _refuse_transforms(config, folder) -> None:
 
 
 class SVDLLMModel(_Entry):
-    """``auto_map.AutoModel``: the base model (no LM head), factorized. vLLM's Transformers backend
-    instantiates this one."""
+    """``auto_map.AutoModel`` of folders written before the base-class entries: the base model."""
 
     _names = MODEL_MAPPING_NAMES
 
 
 class SVDLLMForCausalLM(_Entry):
-    """``auto_map.AutoModelForCausalLM``: the causal LM, factorized."""
+    """``auto_map.AutoModelForCausalLM`` of folders written before the base-class entries."""
 
     _names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def auto_map(base_model_type: str) -> dict[str, str]:
+    """config.json's ``auto_map`` for a folder of ``base_model_type``: the factorized base classes."""
+    entries = {"AutoConfig": "modeling_svdllm.SVDLLMConfig"}
+    for key, names, fallback in (
+        ("AutoModel", MODEL_MAPPING_NAMES, "SVDLLMModel"),
+        ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "SVDLLMForCausalLM"),
+    ):
+        name = names.get(base_model_type)
+        entries[key] = f"modeling_svdllm.{name if name and hasattr(transformers, name) else fallback}"
+    return entries
+
+
+def __getattr__(name: str) -> type:
+    """``modeling_svdllm.LlamaForCausalLM`` (an auto_map entry): the factorized subclass of that class."""
+    for names, base_model in ((MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, False), (MODEL_MAPPING_NAMES, True)):
+        if name in names.values() and hasattr(transformers, name):
+            return _factorized_class(getattr(transformers, name), base_model)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _folder_config(folder, config, kwargs: dict):
+    """The base architecture's config of ``folder`` (``config`` if given, carrier configs converted);
+    folders holding transforms this transformers cannot apply are refused."""
+    if config is None:
+        config_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
+        }
+        config = SVDLLMConfig.from_pretrained(folder, **config_kwargs)
+    config = SVDLLMConfig.to_base(config)
+    _refuse_transforms(config, folder)
+    return config
 
 
 def _ranks(config) -> dict[str, int]:
@@ -245,12 +267,66 @@ def _factorized_class(base: type, base_model: bool) -> type:
             _compensate(
                 self, {n.removeprefix(prefix): r for n, r in compensation.items() if n.startswith(prefix)}
             )
+            for module in (self, getattr(self, base.base_model_prefix, None)):
+                if isinstance(getattr(module, "_tp_plan", None), dict) and ranks:
+                    module._tp_plan = _factorized_tp_plan(module._tp_plan)
+
+        def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+            config = _folder_config(pretrained_model_name_or_path, config, kwargs)
+            runtime = kwargs.pop(RUNTIME_KEY, None)
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = base.from_pretrained.__func__(
+                cls,
+                pretrained_model_name_or_path,
+                *model_args,
+                config=config,
+                output_loading_info=True,
+                **kwargs,
+            )
+            if _ranks(config) or _compensation(config):
+                _check_complete(model, info, pretrained_model_name_or_path)
+                model = _apply_runtime_options(model, config, runtime)
+            return (model, info) if want_info else model
+
+        def _from_config(cls, config, **kwargs):
+            return base._from_config.__func__(cls, SVDLLMConfig.to_base(config), **kwargs)
 
         name = base.__name__
         _CLASSES[key] = type(
-            name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+            name,
+            (base,),
+            {
+                "__init__": __init__,
+                "from_pretrained": classmethod(from_pretrained),
+                "_from_config": classmethod(_from_config),
+                # auto classes register remote classes to save their code with the model: nothing to
+                # copy here (save_pretrained of a factorized model is the plugin's job)
+                "register_for_auto_class": classmethod(lambda cls, auto_class=None: None),
+                "__module__": __name__,
+                "__qualname__": name,
+            },
         )
     return _CLASSES[key]
+
+
+def _factorized_tp_plan(plan: dict[str, str]) -> dict[str, str]:
+    """The tensor-parallel plan of a factorized model: each split projection's math stays exact.
+
+    y = U (V x): a column-parallel projection becomes a column-parallel ``svd_u`` after a
+    replicated ``svd_v`` (every rank computes the whole rank-k V x); a row-parallel one becomes a
+    row-parallel ``svd_v`` (its partial V x all-reduced) before a replicated ``svd_u``. The factor
+    entries come first: plans match by prefix (vLLM takes the first pattern that matches), and
+    the projection's own entry still serves the dense-kept layers.
+    """
+    replicate = (
+        "replicated_with_grad_allreduce"  # a style both transformers and vLLM accept (vLLM: replicated)
+    )
+    factors = {}
+    for pattern, style in plan.items():
+        if style in ("colwise", "rowwise"):
+            u, v = (style, replicate) if style == "colwise" else (replicate, style)
+            factors.update({f"{pattern}.svd_u": u, f"{pattern}.svd_v": v})
+    return {**factors, **plan}
 
 
 def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
@@ -270,7 +346,32 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
             dtype=W.dtype,
         )
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        if parent is not model:
+            parent.__class__ = _holder_class(type(parent))
+
+
+_HOLDERS: dict[type, type] = {}
+
+
+def _holder_class(cls: type) -> type:
+    """``cls`` (e.g. LlamaAttention) as a same-named subclass for modules holding an SVDLinear.
+
+    Code that caches per module class what it learnt from one instance (vLLM's Transformers
+    backend traces one attention per class to fuse its q/k/v Linears) must not apply what a
+    dense-kept layer taught it to a factorized one. It keeps the base's ``__module__``: code that
+    finds the architecture's functions through it (the latent KV cache's rotary) still does.
+    """
+    if getattr(cls, "_svdllm_holder", False):
+        return cls
+    if cls not in _HOLDERS:
+        _HOLDERS[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
+        )
+    return _HOLDERS[cls]
 
 
 def _check_complete(model, info: dict, folder) -> None:
