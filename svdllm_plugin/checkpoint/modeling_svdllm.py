@@ -25,7 +25,7 @@ is an error naming the tensors: nothing is silently initialised or dropped.
 
 Load-time inference options (``svdllm_runtime`` in config.json, or
 ``from_pretrained(..., svdllm_runtime={...})``) are applied by ``_apply_runtime_options`` after
-loading, through ``svdllm_runtime.py`` in the same folder.
+loading, through ``svdllm_runtime.py`` in the same folder, which also holds the completeness check.
 """
 
 from __future__ import annotations
@@ -284,7 +284,9 @@ def _factorized_class(base: type, base_model: bool) -> type:
                 **kwargs,
             )
             if _ranks(config) or _compensation(config):
-                _check_complete(model, info, pretrained_model_name_or_path)
+                from .svdllm_runtime import check_complete  # a tensor missing or left over: an error
+
+                check_complete(model, info, pretrained_model_name_or_path)
                 model = _apply_runtime_options(model, config, runtime)
             return (model, info) if want_info else model
 
@@ -372,24 +374,6 @@ def _holder_class(cls: type) -> type:
             {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
         )
     return _HOLDERS[cls]
-
-
-def _check_complete(model, info: dict, folder) -> None:
-    """A tensor the structure needs but the folder lacks would be randomly initialised, and one it
-    has no place for (a stale dense ``q_proj.weight`` beside the factors) would be dropped: refuse
-    both, as the plugin's loader does."""
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise ValueError(
-            f"{folder} is incomplete: {len(missing)} tensors the factorized structure needs are not in the "
-            f"checkpoint (e.g. {missing[:5]}); they would be randomly initialised"
-        )
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    if unexpected:
-        raise ValueError(
-            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
-            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
-        )
 
 
 def _apply_runtime_options(model, config, options: dict | None = None):
