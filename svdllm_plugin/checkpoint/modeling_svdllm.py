@@ -223,15 +223,9 @@ def _compensation(config) -> dict[str, int]:
 def _compensate(model: nn.Module, ranks: dict[str, int]) -> None:
     """Wrap the Linears named in ``svdllm.compensation`` (after ``_factorize``: names may be factors)."""
     for name, r in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"config.json names {name} as compensated but the model has {type(linear).__name__}"
-            )
+        linear = _named_linear(model, name, "compensated")
         W = linear.weight
-        layer = CompensatedLinear(linear, r, device=W.device, dtype=W.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        _set_module(model, name, CompensatedLinear(linear, r, device=W.device, dtype=W.dtype))
 
 
 def _base_class(config, names: dict[str, str]) -> type:
@@ -333,11 +327,7 @@ def _factorized_tp_plan(plan: dict[str, str]) -> dict[str, str]:
 
 def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, k in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"config.json names {name} as factorized but the model has {type(linear).__name__}"
-            )
+        linear = _named_linear(model, name, "factorized")
         W = linear.weight
         layer = SVDLinear(
             linear.in_features,
@@ -347,11 +337,25 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
             device=W.device,
             dtype=W.dtype,
         )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        parent = _set_module(model, name, layer)
         if parent is not model:
             parent.__class__ = _holder_class(type(parent))
+
+
+def _named_linear(model: nn.Module, name: str, kind: str) -> nn.Linear:
+    """The Linear config.json names as ``kind`` (factorized, compensated); an error if it is none."""
+    linear = model.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"config.json names {name} as {kind} but the model has {type(linear).__name__}")
+    return linear
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns its parent."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+    return parent
 
 
 _HOLDERS: dict[type, type] = {}
