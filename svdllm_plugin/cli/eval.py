@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> str:
     from svdllm_plugin.compress import check_device
-    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
+    from svdllm_plugin.models import load_model_and_tokenizer
 
     device = check_device(args.device)
 
@@ -50,22 +50,9 @@ def run(args) -> str:
         if args.json:
             return json.dumps({"model": args.model, "results": results.get("results", {})}, default=str)
         return format_results(results)
-    from svdllm_plugin.data import eval_windows, load_text
-    from svdllm_plugin.evaluate import perplexity
+    from svdllm_plugin.evaluate import evaluate_perplexity
 
-    path = check_model(args.model)
-    text = load_text(args.dataset, "evaluation")  # read before the weights load
-    check_seq_len(path, args.seq_len)
-    model, tokenizer = load_model_and_tokenizer(path, check=False)
-    model.to(device)
-    windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
-    ppl = perplexity(model, windows)
-    result = {
-        "model": args.model,
-        "perplexity": ppl,
-        "windows": int(windows.shape[0]),
-        "seq_len": args.seq_len,
-    }
+    result = evaluate_perplexity(args.model, args.dataset, args.seq_len, args.max_windows, device)
     if args.json:
         return json.dumps(result)
-    return f"perplexity {ppl:.4f} over {windows.shape[0]} windows of {args.seq_len} tokens"
+    return f"perplexity {result['perplexity']:.4f} over {result['windows']} windows of {args.seq_len} tokens"

@@ -35,33 +35,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    import torch
+    from svdllm_plugin.generate import generate_reply
 
-    from svdllm_plugin.compress import check_device
-    from svdllm_plugin.models import load_model_and_tokenizer
-
-    device = check_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    if args.bnb:
-        from svdllm_plugin.export.bitsandbytes import to_bitsandbytes
-
-        model = to_bitsandbytes(model, args.bnb)
-    model.to(device)
-    latent = getattr(model, "_svdllm_latent_cache", None) is not None  # a folder's load-time option
-    if args.decode == "graph" or (
-        args.decode == "auto" and str(device).startswith("cuda") and not (args.bnb or latent)
-    ):
-        from svdllm_plugin.inference.graph import enable_graph_decode
-
-        enable_graph_decode(model, device=device)
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
-    else:
-        text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return generate_reply(args.model, args.prompt, args.max_new_tokens, args.bnb, args.device, args.decode)
