@@ -62,17 +62,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return c
 
 
-def run(args) -> str:
-    if args.target_bits is not None or args.target_size is not None:
-        from svdllm_plugin.search import run_cli
-
-        return run_cli(args)
-    from svdllm_plugin.compress import compress
-
-    report = compress(
+def _job(args) -> dict:
+    """The options a compression and a budget search share."""
+    return dict(
         model=args.model,
         output=args.output,
-        recipe=args.recipe,
         dataset=args.dataset,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -81,6 +75,28 @@ def run(args) -> str:
         device=args.device,
         seed=args.seed,
         save_dtype=args.save_dtype,
-        eval_split=args.eval_split,
     )
-    return report.table()
+
+
+def run(args) -> str:
+    if args.target_bits is not None or args.target_size is not None:
+        return _search(args)
+    from svdllm_plugin.compress import compress
+
+    return compress(**_job(args), recipe=args.recipe, eval_split=args.eval_split).table()
+
+
+def _search(args) -> str:
+    """`--target-bits / --target-size`: the table of what was tried, then the report."""
+    from svdllm_plugin.candidates import parse_budget, table
+    from svdllm_plugin.search import search
+
+    budget = parse_budget(args.target_bits, args.target_size)
+    if args.recipe is not None:
+        raise ValueError("--recipe and a budget (--target-bits / --target-size) exclude each other; drop one")
+    if args.eval_split != "test":
+        raise ValueError(
+            "a budget search chooses on the validation split and reports the test split; drop --eval-split"
+        )
+    report, trials = search(**_job(args), budget=budget)
+    return f"Budget: {budget} (chosen on the validation split)\n\n{table(trials)}\n\n{report.table()}"
