@@ -41,7 +41,7 @@ step() {  # step NAME ARGS...: one `svdllm bench --synthetic` run, then its tabl
     local rc=$?
     echo "-- exit $rc after $((SECONDS - start)) s"
     if [ $rc -eq 0 ]; then
-        $PY -c "import json, sys; from svdllm_plugin.bench_decode_output import format_rows; print(format_rows(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json"
+        $PY -c "import json, sys; from svdllm_plugin.bench.decode_output import format_rows; print(format_rows(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json"
     else
         tail -5 "$OUT_DIR/$name.err"
     fi

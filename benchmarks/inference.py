@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from svdllm_plugin.bench import _ints, _shapes, benchmark, format_table, load_variant, plot
+from svdllm_plugin.bench import benchmark, format_table, load_variant, plot
+from svdllm_plugin.bench.measure import _ints, _shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-__all__ = ["perplexity"]
+__all__ = ["perplexity", "evaluate_perplexity"]
 
 
 def _device(model) -> torch.device:
@@ -48,3 +48,24 @@ def perplexity(
             "try float32 or a milder compression"
         )
     return ppl
+
+
+def evaluate_perplexity(model: str, dataset: str | None, seq_len: int, max_windows: int, device) -> dict:
+    """``svdllm eval``: perplexity of the model or folder ``model`` on ``max_windows`` held-out windows
+    of ``seq_len`` tokens of ``dataset``, on ``device`` (checked): {"model", "perplexity", "windows",
+    "seq_len"}. The text and the sequence length are checked before the weights load."""
+    from svdllm_plugin.data import eval_windows, load_text
+    from svdllm_plugin.models import check_model, check_seq_len, load_model_and_tokenizer
+
+    path = check_model(model)
+    text = load_text(dataset, "evaluation")  # read before the weights load
+    check_seq_len(path, seq_len)
+    lm, tokenizer = load_model_and_tokenizer(path, check=False)
+    lm.to(device)
+    windows = eval_windows(tokenizer, text, seq_len, max_windows)
+    return {
+        "model": model,
+        "perplexity": perplexity(lm, windows),
+        "windows": int(windows.shape[0]),
+        "seq_len": seq_len,
+    }

@@ -28,10 +28,9 @@ from svdllm_plugin.candidates import (
     parse_budget,
     plan,
     predict_size,
-    table,
 )
 
-__all__ = ["Budget", "Candidate", "parse_budget", "default_candidates", "predict_size", "search", "run_cli"]
+__all__ = ["Budget", "Candidate", "parse_budget", "default_candidates", "predict_size", "search"]
 
 
 def _parse(recipe_text: str):
@@ -186,28 +185,3 @@ def search(
         )
     report.seconds, report.peak_memory_gib = time.perf_counter() - start, job.peak_memory_gib()
     return report, trials
-
-
-def run_cli(args) -> str:
-    """`svdllm compress --target-bits / --target-size`: the table of what was tried, then the report."""
-    budget = parse_budget(args.target_bits, args.target_size)
-    if args.recipe is not None:
-        raise ValueError("--recipe and a budget (--target-bits / --target-size) exclude each other; drop one")
-    if args.eval_split != "test":
-        raise ValueError(
-            "a budget search chooses on the validation split and reports the test split; drop --eval-split"
-        )
-    report, trials = search(
-        model=args.model,
-        output=args.output,
-        budget=budget,
-        dataset=args.dataset,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        eval_windows=args.eval_windows,
-        overwrite=args.overwrite,
-        device=args.device,
-        seed=args.seed,
-        save_dtype=args.save_dtype,
-    )
-    return f"Budget: {budget} (chosen on the validation split)\n\n{table(trials)}\n\n{report.table()}"

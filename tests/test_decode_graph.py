@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from svdllm_plugin.bench_synthetic import build_dense, decoder_parameters, factorize_uniform, synthetic_config
+from svdllm_plugin.bench.synthetic import build_dense, decoder_parameters, factorize_uniform, synthetic_config
 from svdllm_plugin.cli import main
 from svdllm_plugin.inference import enable_graph_decode, fuse_shared_inputs, greedy_tokens
 from svdllm_plugin.inference.triton_lowrank import (

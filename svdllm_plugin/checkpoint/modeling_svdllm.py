@@ -25,7 +25,7 @@ is an error naming the tensors: nothing is silently initialised or dropped.
 
 Load-time inference options (``svdllm_runtime`` in config.json, or
 ``from_pretrained(..., svdllm_runtime={...})``) are applied by ``_apply_runtime_options`` after
-loading, through ``svdllm_runtime.py`` in the same folder.
+loading, through ``svdllm_runtime.py`` in the same folder, which also holds the completeness check.
 """
 
 from __future__ import annotations
@@ -223,15 +223,9 @@ def _compensation(config) -> dict[str, int]:
 def _compensate(model: nn.Module, ranks: dict[str, int]) -> None:
     """Wrap the Linears named in ``svdllm.compensation`` (after ``_factorize``: names may be factors)."""
     for name, r in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"config.json names {name} as compensated but the model has {type(linear).__name__}"
-            )
+        linear = _named_linear(model, name, "compensated")
         W = linear.weight
-        layer = CompensatedLinear(linear, r, device=W.device, dtype=W.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        _set_module(model, name, CompensatedLinear(linear, r, device=W.device, dtype=W.dtype))
 
 
 def _base_class(config, names: dict[str, str]) -> type:
@@ -284,7 +278,9 @@ def _factorized_class(base: type, base_model: bool) -> type:
                 **kwargs,
             )
             if _ranks(config) or _compensation(config):
-                _check_complete(model, info, pretrained_model_name_or_path)
+                from .svdllm_runtime import check_complete  # a tensor missing or left over: an error
+
+                check_complete(model, info, pretrained_model_name_or_path)
                 model = _apply_runtime_options(model, config, runtime)
             return (model, info) if want_info else model
 
@@ -331,11 +327,7 @@ def _factorized_tp_plan(plan: dict[str, str]) -> dict[str, str]:
 
 def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
     for name, k in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"config.json names {name} as factorized but the model has {type(linear).__name__}"
-            )
+        linear = _named_linear(model, name, "factorized")
         W = linear.weight
         layer = SVDLinear(
             linear.in_features,
@@ -345,11 +337,25 @@ def _factorize(model: nn.Module, ranks: dict[str, int]) -> None:
             device=W.device,
             dtype=W.dtype,
         )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        parent = _set_module(model, name, layer)
         if parent is not model:
             parent.__class__ = _holder_class(type(parent))
+
+
+def _named_linear(model: nn.Module, name: str, kind: str) -> nn.Linear:
+    """The Linear config.json names as ``kind`` (factorized, compensated); an error if it is none."""
+    linear = model.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"config.json names {name} as {kind} but the model has {type(linear).__name__}")
+    return linear
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``model``; returns its parent."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+    return parent
 
 
 _HOLDERS: dict[type, type] = {}
@@ -372,24 +378,6 @@ def _holder_class(cls: type) -> type:
             {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_svdllm_holder": True},
         )
     return _HOLDERS[cls]
-
-
-def _check_complete(model, info: dict, folder) -> None:
-    """A tensor the structure needs but the folder lacks would be randomly initialised, and one it
-    has no place for (a stale dense ``q_proj.weight`` beside the factors) would be dropped: refuse
-    both, as the plugin's loader does."""
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise ValueError(
-            f"{folder} is incomplete: {len(missing)} tensors the factorized structure needs are not in the "
-            f"checkpoint (e.g. {missing[:5]}); they would be randomly initialised"
-        )
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    if unexpected:
-        raise ValueError(
-            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
-            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
-        )
 
 
 def _apply_runtime_options(model, config, options: dict | None = None):

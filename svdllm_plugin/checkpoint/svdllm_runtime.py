@@ -7,6 +7,9 @@ maps to a function ``(model, value) -> model`` in ``OPTIONS``. Implementations m
 torch and transformers; put them in files beside this one and import them relatively
 (``from .fused_factors import fuse_shared_inputs``): transformers copies relatively imported
 files of a remote-code folder along with it.
+
+``check_complete(model, info, folder)``, called first, refuses a folder whose tensors do not fit
+the factorized structure.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ except ImportError:  # inside the plugin package
     from svdllm_plugin.inference.fused import fuse_shared_inputs
     from svdllm_plugin.inference.latent_cache import enable_latent_kv_cache
 
-__all__ = ["OPTIONS", "apply_runtime_options"]
+__all__ = ["OPTIONS", "apply_runtime_options", "check_complete"]
 
 
 def _fuse(model, value):
@@ -64,3 +67,21 @@ def apply_runtime_options(model, options: dict):
     for name, value in options.items():
         model = OPTIONS[name](model, value)
     return model
+
+
+def check_complete(model, info: dict, folder) -> None:
+    """A tensor the structure needs but the folder lacks would be randomly initialised, and one it
+    has no place for (a stale dense ``q_proj.weight`` beside the factors) would be dropped: refuse
+    both, as the plugin's loader does."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(
+            f"{folder} is incomplete: {len(missing)} tensors the factorized structure needs are not in the "
+            f"checkpoint (e.g. {missing[:5]}); they would be randomly initialised"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        raise ValueError(
+            f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
+            f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
+        )

@@ -1,4 +1,4 @@
-"""Output of `svdllm bench --synthetic`: the markdown table and the plot of ``bench_decode`` rows."""
+"""Output of `svdllm bench --synthetic`: the markdown table and the plot of ``bench.decode`` rows."""
 
 from __future__ import annotations
 

@@ -29,12 +29,12 @@ import json
 import statistics
 import sys
 
-from svdllm_plugin.bench import _alternate, _device_name, _timer
+from svdllm_plugin.bench.measure import _alternate, _device_name, _timer
 
 __all__ = ["REGIMES", "add_arguments", "run_synthetic"]
 
 REGIMES = ("eager", "graph", "graph-fused", "graph-kernel", "latent")
-# the choices of bench_synthetic.DTYPES and inference.graph.COMPILE_BACKENDS, named here so that
+# the choices of bench.synthetic.DTYPES and inference.graph.COMPILE_BACKENDS, named here so that
 # `svdllm --help` does not import torch
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraph")
@@ -157,7 +157,7 @@ def _for_regime(model, regime: str, factorized: bool):
 
 def _check(args, config, device) -> tuple:
     ratios, regimes = _floats(args.ratios), _regimes(args.decode)
-    from svdllm_plugin.bench import _ints, _shapes
+    from svdllm_plugin.bench.measure import _ints, _shapes
 
     batches, contexts = _ints(args.batches, "--batches"), _ints(args.contexts, "--contexts")
     shapes = _shapes(args.prefill) if args.prefill else []
@@ -180,7 +180,7 @@ def run_synthetic(args, device: str) -> str:
     """Build, measure, and return the table (or one JSON line with ``--json``)."""
     import torch
 
-    from svdllm_plugin.bench_synthetic import (
+    from svdllm_plugin.bench.synthetic import (
         DTYPES,
         build_dense,
         decoder_parameters,
@@ -243,7 +243,7 @@ def run_synthetic(args, device: str) -> str:
         setattr(dynamo, limit, saved[0])
         dynamo.fail_on_recompile_limit_hit = saved[1]
     _add_best(results["rows"])
-    from svdllm_plugin.bench_decode_output import format_rows, plot_rows
+    from svdllm_plugin.bench.decode_output import format_rows, plot_rows
 
     if args.plot:
         plot_rows(results, args.plot)

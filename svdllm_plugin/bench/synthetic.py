@@ -29,7 +29,7 @@ from torch import nn
 
 __all__ = ["SHAPES", "synthetic_config", "build_dense", "factorize_uniform", "decoder_parameters"]
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # svdllm_plugin/
 
 # public configs (config.json of the published checkpoints), the fields that set the shapes
 SHAPES: dict[str, dict] = {
