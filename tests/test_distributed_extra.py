@@ -166,7 +166,8 @@ def test_a_failing_or_disagreeing_rank_is_an_error_on_every_rank(tmp_path, case,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"torchrun {case}: the ranks hung")
-    results = [line.removeprefix("RESULT ") for line in stdout.splitlines() if line.startswith("RESULT ")]
+    # the two ranks share one stdout pipe: a line of one may land in the middle of the other's
+    results = [r.strip() for r in re.findall(r"RESULT (.*?)(?=RESULT |\n|$)", stdout)]
     assert len(results) == 2, stderr[-3000:]
     for result in results:
         assert re.search(message, result), result

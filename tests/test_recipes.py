@@ -25,10 +25,10 @@ from svdllm_plugin.layers import SVDLinear, factorized_ranks, replace_module
 from svdllm_plugin.modifiers.pruning import OneshotMagnitudePruningModifier
 from svdllm_plugin.modifiers.pruning.magnitude import magnitude_mask
 
-RECIPES = sorted(  # stack_*.yaml (GPTQ + compensation, groups of 192) run in test_compensation.py
+RECIPES = sorted(  # recipes with compensation (GPTQ groups of 192) run in test_compensation.py
     p
     for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")
-    if not p.stem.startswith("stack_")
+    if "LowRankCompensationModifier" not in p.read_text()
 )
 LORA_FAST = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=0)
 PRUNING = ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
