@@ -59,6 +59,11 @@ class CompressionReport:
     save_dtype: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def record(self) -> dict:
+        """What the checkpoint's ``svdllm`` record keeps of this run (its perplexities and split)."""
+        keys = ("ppl_before", "ppl_after", "ppl_other_before", "ppl_other_after", "eval_split")
+        return {key: getattr(self, key) for key in keys}
+
     def table(self) -> str:
         def reduction(before, after):
             return f"{1 - after / before:.1%} removed" if before else "-"
@@ -316,13 +321,7 @@ def compress(
         output,
         tokenizer,
         overwrite=overwrite,
-        extra={
-            "ppl_before": report.ppl_before,
-            "ppl_after": report.ppl_after,
-            "ppl_other_before": report.ppl_other_before,
-            "ppl_other_after": report.ppl_other_after,
-            "eval_split": eval_split,
-        },
+        extra=report.record(),
         recipe=recipe_text,
         base_model=model,
         save_dtype=save_dtype,

@@ -174,8 +174,8 @@ class CompensatedLinear(nn.Module):
         for child in (layer.lowrank_r, layer.lowrank_l):
             child.to_empty(device=device)
         # safe: the children are new and not offloaded yet (offload_like below offloads them)
-        layer.lowrank_r.weight.data.copy_(R.to(W.dtype))
-        layer.lowrank_l.weight.data.copy_(L.to(W.dtype))
+        layer.lowrank_r.weight.data.copy_(R.to(W.dtype))  # safe: new child, not offloaded yet
+        layer.lowrank_l.weight.data.copy_(L.to(W.dtype))  # safe: new child, not offloaded yet
         for child in (layer.lowrank_r, layer.lowrank_l):
             offload_like(child, base)
         return layer

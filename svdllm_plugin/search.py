@@ -163,11 +163,7 @@ def search(
         tokenizer,
         overwrite=overwrite,
         extra={
-            "ppl_before": report.ppl_before,
-            "ppl_after": report.ppl_after,
-            "ppl_other_before": report.ppl_other_before,
-            "ppl_other_after": report.ppl_other_after,
-            "eval_split": "test",
+            **report.record(),
             "budget": str(budget),
             "search": [
                 dict(zip(["candidate", "predicted_bits", "bits", "MB", "ppl_validation", "status"], t.row()))
