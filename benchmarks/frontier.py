@@ -11,11 +11,11 @@ all points. Writes benchmarks/results/frontier.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 from pathlib import Path
 
 from common import RESULTS, markdown, run_recipe, save, setup
+from stack_points import label, select_on_validation
 
 from svdllm_plugin.checkpoint import save_pretrained
 
@@ -183,7 +183,7 @@ def honest(bench, args) -> None:
     windows = held_out(bench, count=args.eval_windows)
     rows = []
     if not args.no_dense:
-        rows.append(dict(point="dense", name="dense bf16", wbits=16, ratio=0.0, seconds=0.0))
+        rows.append(dict(point="dense", name="dense bf16", family="dense", wbits=16, ratio=0.0, seconds=0.0))
         rows[-1].update(measure(bench.model, bench.tokenizer, windows))
         print(markdown(rows, HONEST_COLUMNS), flush=True)
     for spec in args.points:
@@ -194,44 +194,48 @@ def honest(bench, args) -> None:
         print(markdown(rows[-1:], HONEST_COLUMNS + ["error"]), flush=True)
         save(args.name, dict(args=vars(args), rows=rows))
     table = markdown(rows, HONEST_COLUMNS + (["error"] if any("error" in r for r in rows) else []))
-    print(table)
-    save(args.name, dict(args=vars(args), rows=rows)).with_suffix(".md").write_text(table + "\n")
-    plot_honest([r for r in rows if "error" not in r], args.name)
+    picks = select_on_validation(rows)
+    chosen = markdown(picks, SELECT_COLUMNS)
+    print(table + "\n\n" + chosen)
+    save(args.name, dict(args=vars(args), rows=rows, selection=picks)).with_suffix(".md").write_text(
+        table + "\n\nChosen on validation, reported on test:\n\n" + chosen + "\n"
+    )
+    plot_honest([r for r in rows if "error" not in r], picks, args.name)
 
 
-def plot_honest(rows: list[dict], name: str) -> None:
-    """bits per decoder-Linear weight vs test perplexity, in domain (left) and out (right); for every
-    GPTQ point, the stacked points at no more bits that beat it are drawn as dominating it."""
+SELECT_COLUMNS = [
+    "budget", "budget_MB", "budget_test", "budget_other_test", "tried",
+    "chosen", "MB", "bits", "val", "test", "other_test", "wins",
+]
+
+
+def plot_honest(rows: list[dict], picks: list[dict], name: str) -> None:
+    """bits per decoder-Linear weight vs test perplexity, in domain (left) and out (right); a red ring
+    on a GPTQ point that the stack chosen on validation at no more bytes beats on test."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["point"] != "dense" and r["ppl_test"] < 1e4]
-    plain = [r for r in rows if re.fullmatch(r"W\d(g\d+)?", r["point"])]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, key, label in zip(axes, ("ppl_test", "ppl_other_test"), ("calibration domain", "other domain")):
-        kinds = [
-            ("GPTQ", lambda p: re.fullmatch(r"W\d(g\d+)?", p), "o"),
-            ("QuIP + GPTQ", lambda p: p.startswith("Q+"), "^"),
-            ("SVD + GPTQ", lambda p: p.startswith("S"), "s"),
-            ("GPTQ + compensation", lambda p: "+C" in p and not p.startswith("S"), "D"),
-        ]
-        for legend, pick, marker in kinds:
-            pts = sorted((r["bits"], r[key]) for r in rows if pick(r["point"]))
-            if pts:
-                ax.plot(*zip(*pts), marker, label=legend)
+    families = sorted({r["family"] for r in rows}, key=lambda f: (f != "GPTQ", f))
+    for ax, key, pick_key, title in zip(
+        axes, ("ppl_test", "ppl_other_test"), ("test", "other_test"), ("calibration domain", "other domain")
+    ):
+        for fam, marker in zip(families, "o^sDvP*X"):
+            pts = sorted((r["bits"], r[key]) for r in rows if r["family"] == fam)
+            ax.plot(*zip(*pts), marker, label=fam)
         for r in rows:
-            ax.annotate(
-                r["point"], (r["bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-            )
-        for base in plain:  # a stacked point dominates this GPTQ point: no more bits, lower perplexity
-            if any(r not in plain and r["bits"] <= base["bits"] and r[key] < base[key] for r in rows):
+            ax.annotate(label(r), (r["bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for p in picks:
+            base = next(r for r in rows if label(r) == p["budget"]) if p["budget_test"] < 1e4 else None
+            if base is not None and p.get("chosen") and p[pick_key] < p["budget_" + pick_key]:
                 ax.plot([base["bits"]], [base[key]], "o", mfc="none", mec="red", ms=12)
         ax.set_yscale("log")
         ax.set_xlabel("bits per decoder-Linear weight (everything counted)")
-        ax.set_ylabel(f"test perplexity, {label} (log)")
-    axes[0].set_title("SmolLM2-135M (red ring: a stack dominates this GPTQ point)")
+        ax.set_ylabel(f"test perplexity, {title} (log)")
+    axes[0].set_title("SmolLM2-135M (red ring: the stack chosen on validation beats this GPTQ point)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)

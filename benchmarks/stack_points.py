@@ -6,6 +6,7 @@ Used by ``frontier.py --points``. A point spec joins steps with '+':
     Q+W3                QuIP random-Hadamard input rotation, then GPTQ W3
     S0.2+W4 | S0.2b+W4  SVD-LLM ratio 0.2 (b: Fisher rows + update + intra_layer) then GPTQ W4 on the factors
     W2+C32              GPTQ W2, then LowRankCompensationModifier rank 32 (bf16 factors)
+    recipes/x.yaml      any recipe file (e.g. recipes/stack_w3.yaml, benchmarks/stack_candidates/*.yaml)
 
 Each point is written with the plugin's save_pretrained (float tensors in bf16) and measured with
 svdllm_plugin.checkpoint.bits: safetensors bytes and bits per decoder-Linear weight. Perplexities on
@@ -79,13 +80,59 @@ def measure(model, tokenizer, windows: dict, recipe: str | None = None) -> dict:
 
 
 def run_point(bench, spec: str, windows: dict, run_recipe) -> dict:
-    from svdllm_plugin.compress import single_pass
+    """One frontier point: a spec (see the module doc) or a recipe file (``*.yaml``), run the way
+    ``svdllm compress`` runs it (compress.pass_settings), saved bf16 and measured."""
+    from svdllm_plugin.compress import pass_settings
     from svdllm_plugin.search import _parse
 
-    candidate = parse_point(spec)
-    text = candidate.recipe()
+    if spec.endswith(".yaml"):
+        text = Path(spec).read_text(encoding="utf-8")
+        row = dict(point=spec, name=Path(spec).stem, wbits=None, ratio=None)
+    else:
+        candidate = parse_point(spec)
+        text = candidate.recipe()
+        row = dict(point=spec, name=candidate.name, wbits=candidate.bits, ratio=candidate.ratio)
+    row["family"] = family(text)
     start = time.perf_counter()
-    model, _ = run_recipe(bench, text, propagate_error=not single_pass(_parse(text)))
-    row = dict(point=spec, name=candidate.name, wbits=candidate.bits, ratio=candidate.ratio)
+    model, _ = run_recipe(bench, text, **pass_settings(_parse(text)))
     row.update(measure(model, bench.tokenizer, windows, text), seconds=time.perf_counter() - start)
     return row
+
+
+def family(recipe_text: str) -> str:
+    """The plot's series of a recipe: which steps it stacks."""
+    steps = [
+        ("SVDLLMModifier", "SVD"),
+        ("SequentialLoRAModifier", "LoRA"),
+        ("QuIPModifier", "QuIP"),
+        ("GPTQModifier", "GPTQ"),
+        ("LowRankCompensationModifier", "compensation"),
+    ]
+    return " + ".join(label for key, label in steps if key in recipe_text)
+
+
+def label(row: dict) -> str:
+    """Short name of a point: the spec, or a recipe file's stem."""
+    return Path(row["point"]).stem if row["point"].endswith(".yaml") else row["point"]
+
+
+def plain_gptq(row: dict) -> bool:
+    return row.get("family") == "GPTQ" and row.get("wbits") is not None and "+" not in row["point"]
+
+
+def select_on_validation(rows: list[dict]) -> list[dict]:
+    """For every plain GPTQ point: the stacked point chosen on VALIDATION perplexity among those no
+    larger on disk, and how it does on TEST in and out of domain (what the README reports)."""
+    ok = [r for r in rows if "error" not in r and r["point"] != "dense"]
+    picks = []
+    for base in sorted((r for r in ok if plain_gptq(r)), key=lambda r: -r["wbits"]):
+        rivals = [r for r in ok if not plain_gptq(r) and r["MB"] <= base["MB"]]
+        pick = min(rivals, key=lambda r: r["ppl_val"], default=None)
+        entry = dict(budget=label(base), budget_MB=base["MB"], budget_test=base["ppl_test"],
+                     budget_other_test=base["ppl_other_test"], tried=len(rivals))
+        if pick is not None:
+            entry.update(chosen=label(pick), MB=pick["MB"], bits=pick["bits"], val=pick["ppl_val"],
+                         test=pick["ppl_test"], other_test=pick["ppl_other_test"],
+                         wins=pick["ppl_test"] < base["ppl_test"] and pick["ppl_other_test"] < base["ppl_other_test"])
+        picks.append(entry)
+    return picks

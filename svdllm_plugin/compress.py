@@ -212,6 +212,12 @@ def pipeline_for(modifiers) -> str:
     return "sequential" if compensates else "independent"
 
 
+def pass_settings(modifiers) -> dict:
+    """oneshot's ``propagate_error`` and ``pipeline`` for these modifiers: the one place that decides
+    how a recipe runs (``svdllm compress``, the budget search and the benchmarks all call it)."""
+    return dict(propagate_error=not single_pass(modifiers), pipeline=pipeline_for(modifiers))
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
     from svdllm_plugin.modifiers.svd.decompose import params_of
@@ -302,8 +308,7 @@ def compress(
         recipe=recipe_text,
         num_calibration_samples=len(calib),
         max_seq_length=seq_len,
-        propagate_error=not single_pass(modifiers),
-        pipeline=pipeline_for(modifiers),
+        **pass_settings(modifiers),
     )
     check_applied(modifiers, model_obj, snapshot)  # a modifier that did nothing: refuse to save
     if windows is not None:

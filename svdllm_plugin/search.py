@@ -121,7 +121,7 @@ def search(
                     recipe=text,
                     num_calibration_samples=len(calib),
                     max_seq_length=seq_len,
-                    propagate_error=not job.single_pass(_parse(text)),
+                    **job.pass_settings(_parse(text)),
                 )
                 folder = save_pretrained(
                     candidate_model, Path(tmp) / f"c{i}", save_dtype=save_dtype, recipe=text
