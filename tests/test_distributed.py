@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_oneshot
+from support import REPO, run_oneshot
 
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.checkpoint import load_pretrained
 from svdllm_plugin.layers import SVDLinear
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # one statistic or reduction each: X X^T, |x| max, Fisher sums, two passes, spectra, losses
     "svd_llm": {"ratio": 0.3},
     "asvd_max": {"ratio": 0.3, "method": "asvd", "asvd_statistic": "abs_max"},
@@ -40,11 +39,16 @@ def two_ranks(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(ROOT / "tests" / "distributed_worker.py"), str(tiny_dir), str(out), json.dumps(CASES)]
+    command += [
+        str(REPO / "tests" / "support" / "distributed_worker.py"),
+        str(tiny_dir),
+        str(out),
+        json.dumps(CASES),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"torchrun failed:\n{(done.stdout + done.stderr)[-4000:]}"
     return out

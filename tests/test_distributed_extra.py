@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.checkpoint import load_pretrained
 from svdllm_plugin.layers import SVDLinear
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
 svd_stage:
   svd_modifiers:
@@ -48,7 +48,7 @@ def torchrun_w4(tiny_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     (work / "svd_w4.yaml").write_text(RECIPE)
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
@@ -102,12 +102,17 @@ def uneven(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uneven")
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "SVDLLM_TEST_SAMPLES": "7",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(ROOT / "tests" / "distributed_worker.py"), str(tiny_dir), str(out), json.dumps(UNEVEN)]
+    command += [
+        str(REPO / "tests" / "support" / "distributed_worker.py"),
+        str(tiny_dir),
+        str(out),
+        json.dumps(UNEVEN),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{(done.stdout + done.stderr)[-4000:]}"
     return out
@@ -115,7 +120,7 @@ def uneven(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", list(UNEVEN))
 def test_uneven_split_saves_the_single_process_factors(uneven, tiny, calib, case):
-    from conftest import run_oneshot
+    from support import run_oneshot
 
     seven = calib.select(range(7))
     modifier = SVDLLMModifier(**UNEVEN[case])
@@ -146,11 +151,11 @@ def test_a_failing_or_disagreeing_rank_is_an_error_on_every_rank(tmp_path, case,
     ranks waiting in a collective forever; now every rank raises the same one-line error."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(ROOT / "tests" / "distributed_jobs_worker.py"), case]
+    command += [str(REPO / "tests" / "support" / "distributed_jobs_worker.py"), case]
     proc = subprocess.Popen(
         command,
         env=env,

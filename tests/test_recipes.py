@@ -19,6 +19,7 @@ import torch
 import yaml
 from llmcompressor.core import Event, EventType, State
 from pydantic import ValidationError
+from support import REPO
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, factorized_ranks, replace_module
@@ -26,9 +27,7 @@ from svdllm_plugin.modifiers.pruning import OneshotMagnitudePruningModifier
 from svdllm_plugin.modifiers.pruning.magnitude import magnitude_mask
 
 RECIPES = sorted(  # recipes with compensation (GPTQ groups of 192) run in test_compensation.py
-    p
-    for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")
-    if "LowRankCompensationModifier" not in p.read_text()
+    p for p in (REPO / "recipes").glob("*.yaml") if "LowRankCompensationModifier" not in p.read_text()
 )
 LORA_FAST = dict(steps=2, batch_size=2, num_samples=4, seq_len=32, eval_windows=0)
 PRUNING = ("SparseGPTModifier", "WandaPruningModifier", "OneshotMagnitudePruningModifier")
@@ -187,7 +186,7 @@ def test_lm_head_and_embeddings_untouched(compressed):
 
 @over(_with("GPTQModifier"))
 def test_quantized_factors_fit_their_bits(compressed):
-    from factor_helpers import max_distinct_per_group
+    from support.factors import max_distinct_per_group
 
     from svdllm_plugin.export import read_quantized_weights
 

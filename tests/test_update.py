@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_oneshot
+from support import run_oneshot
 
 from svdllm_plugin.modifiers.svd import SVDLLMModifier
 from svdllm_plugin.modifiers.svd.decompose import (
@@ -157,7 +157,7 @@ def test_update_option_and_its_legacy_spelling():
 def test_update_output_holds_one_layer_at_most(tiny_factory, tokenizer, calib, tmp_path):
     """Between decoder layers nothing of a finished layer is held: no X X^T, no C, no stashed inputs;
     only vectors and the original stream's one copy of the next layer's input (by design)."""
-    from factor_helpers import held_after_each_layer
+    from support.factors import held_after_each_layer
     from transformers import AutoModelForCausalLM
 
     from svdllm_plugin.layers import SVDLinear

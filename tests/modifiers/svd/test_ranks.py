@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_oneshot
+from support import run_oneshot
 from torch import nn
 
 from svdllm_plugin.layers import factorized_ranks

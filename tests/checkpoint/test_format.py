@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from factor_helpers import factorize
+from support import REPO
+from support.factors import factorize
 
 from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
 from svdllm_plugin.layers import SVDLinear
 
-PACKAGE = Path(__file__).resolve().parents[1] / "svdllm_plugin"
+PACKAGE = REPO / "svdllm_plugin"
 TARGETS = ("q_proj", "o_proj", "up_proj")
 RECIPE = "svd_stage:\n  svd_modifiers:\n    SVDLLMModifier:\n      ratio: 0.2\n"
 

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from support import REPO
 
 from svdllm_plugin.bench.synthetic import build_dense, decoder_parameters, factorize_uniform, synthetic_config
 from svdllm_plugin.cli import main
@@ -58,7 +59,7 @@ def test_graph_decode_gives_eager_tokens(tiny_config, kind):
     dense, factorized = _models(tiny_config)
     model = dense if kind == "dense" else factorized
     if kind == "plugin-svdlinear":  # layers.SVDLinear (what `svdllm generate` loads), truncated SVD
-        from factor_helpers import factorize_ratio
+        from support.factors import factorize_ratio
 
         model = factorize_ratio(dense, 0.4)
     if kind.endswith("fused"):
@@ -215,9 +216,8 @@ def test_synthetic_bench_runs_with_torch_and_transformers_only(tiny_config):
     """What benchmarks/gpu_decode.sh runs must not need the packages a bare GPU machine lacks."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     argv = [
         "bench",
         "--synthetic",

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 from svdllm_plugin.cli import main
 
 PROMPT = "What is the capital of France?"
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = REPO / "recipes"
 
 
 def _compressed(recipe_stem, tmp_path_factory, save_tiny) -> Path:

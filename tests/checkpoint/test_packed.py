@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from factor_helpers import RANK, factor_model, max_distinct_per_group
+from support.factors import RANK, factor_model, max_distinct_per_group
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear
@@ -55,7 +55,7 @@ def probe():
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, probe, tiny_factory, tokenizer, calib):
     """(model right after oneshot, its logits on ``probe``, saved pack-quantized folder)."""
-    from conftest import run_oneshot
+    from support import run_oneshot
 
     from svdllm_plugin.checkpoint import save_pretrained
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from factor_helpers import factor_model
+from support.factors import factor_model
 
 from svdllm_plugin.checkpoint import read_safetensors
 from svdllm_plugin.export import (
@@ -113,8 +113,8 @@ def test_pack_rejects_dims_that_are_not_multiples_of_32():
 
 @pytest.fixture(scope="module")
 def quantized_model(tmp_path_factory, tiny_factory, tokenizer, calib):
-    from conftest import run_oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from support import run_oneshot
 
     model = factor_model(tiny_factory, tokenizer, tmp_path_factory.mktemp("dense"))
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}

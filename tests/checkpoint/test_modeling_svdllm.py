@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from factor_helpers import factorize, saved_and_reloaded
+from support import REPO
+from support.factors import factorize, saved_and_reloaded
 
 from svdllm_plugin.checkpoint import load_pretrained, read_safetensors, save_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
 NEW_TOKENS = 6
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,7 +86,7 @@ print("\nRESULT " + json.dumps(out))  # the refused prompt leaves no newline
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
     """dense/ and w4/ compressed folders, missing/ (dense without one tensor), probe.pt."""
-    from conftest import run_oneshot
+    from support import run_oneshot
 
     work = tmp_path_factory.mktemp("stock")
     source = work / "source"

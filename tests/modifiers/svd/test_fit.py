@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_oneshot
+from support import run_oneshot
 
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.layers import factorized_ranks

@@ -12,15 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+from support import REPO
+
 from svdllm_plugin.atomic import MARKER, remove_stale_temp_dirs
 
-ROOT = Path(__file__).resolve().parents[1]
 ENTRY = "import sys; from svdllm_plugin.cli import main; sys.exit(main())"  # what the console script runs
 FAST = ["--num-samples", "2", "--seq-len", "16", "--eval-windows", "1"]
 
 
 def _env() -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {
         **os.environ,
         "PYTHONPATH": path,

@@ -90,7 +90,7 @@ def held_numel(value, seen=None) -> int:
 def held_after_each_layer(model: nn.Module, calib, modifier) -> list[int]:
     """Run ``modifier`` through oneshot; after each decoder layer's epoch, the number of tensor
     elements the modifier's private state holds."""
-    from conftest import run_oneshot
+    from support import run_oneshot
 
     cls = type(modifier)
     held: list[int] = []

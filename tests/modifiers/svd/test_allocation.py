@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_oneshot
+from support import run_oneshot
 
 from svdllm_plugin.layers import factorized_ranks
 from svdllm_plugin.modifiers.svd import SVDLLMModifier

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import RECIPE_SVD, run_oneshot
+from support import RECIPE_SVD, run_oneshot
 
 from svdllm_plugin import SVDLinear, SVDLLMModifier
 from svdllm_plugin.checkpoint import load_pretrained, save_pretrained

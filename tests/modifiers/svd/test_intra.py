@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_oneshot
+from support import run_oneshot
 from torch import nn
 from transformers import AutoModelForCausalLM
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_oneshot
-from factor_helpers import held_after_each_layer
+from support import run_oneshot
+from support.factors import held_after_each_layer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -153,7 +153,7 @@ def test_methods_that_never_read_xxt_hold_none(tiny, calib, method):
 def test_held_numel_sees_the_held_layer_inputs():
     """The memory tests count what the modifier's plain helper objects hold too (they used to see
     only dicts, lists and dataclasses, so held layer inputs counted 0)."""
-    from factor_helpers import held_numel
+    from support.factors import held_numel
 
     from svdllm_plugin.modifiers.svd.intra import LayerInputs
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from support import REPO
 from torch import nn
 
 from svdllm_plugin.checkpoint import load_pretrained, read_safetensors, save_pretrained
 from svdllm_plugin.layers import CompensatedLinear, compensated_ranks
 
-REPO = Path(__file__).resolve().parents[1]
 GPTQ_W2 = {
     "ignore": ["re:.*lm_head"],
     "config_groups": {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from factor_helpers import factorize_ratio
+from support.factors import factorize_ratio
 from transformers import DynamicCache
 
 from svdllm_plugin.inference import enable_latent_kv_cache

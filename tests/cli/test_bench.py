@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from factor_helpers import factorize_ratio as factorize
+from support.factors import factorize_ratio as factorize
 
 from svdllm_plugin.bench import format_table
 from svdllm_plugin.checkpoint import save_pretrained

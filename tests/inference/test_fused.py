@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factor_helpers import factorize_ratio as factorize
+from support.factors import factorize_ratio as factorize
 from transformers import DynamicCache
 
 from svdllm_plugin.inference import cache_nbytes, enable_latent_kv_cache, fuse_shared_inputs

@@ -45,7 +45,7 @@ def probe():
 @pytest.fixture(scope="module")
 def w4(tiny_dir, calib, probe):
     """GPTQ W4 group 64 on the tiny Llama: (model, its logits)."""
-    from conftest import run_oneshot
+    from support import run_oneshot
     from transformers import AutoModelForCausalLM
 
     model = run_oneshot(AutoModelForCausalLM.from_pretrained(tiny_dir), calib, gptq())
@@ -86,7 +86,7 @@ def test_packed_bits_hand_computed(w4, tmp_path):
 
 
 def test_factor_bits_hand_computed(tiny, calib, tmp_path):
-    from conftest import RECIPE_SVD, run_oneshot
+    from support import RECIPE_SVD, run_oneshot
 
     from svdllm_plugin.layers import factorized_ranks
 
@@ -135,8 +135,8 @@ def test_bad_save_dtype_is_refused_before_writing(tiny, tmp_path):
 def test_quip_transforms_reload_through_the_plugin(tiny_dir, calib, probe, tmp_path):
     """QuIP (random-Hadamard input rotation) + GPTQ W4: the online rotations are saved (one matrix per
     width, counted in the bits) and the plugin loader re-attaches them; stock loading refuses."""
-    from conftest import run_oneshot
     from llmcompressor.modifiers.transform import QuIPModifier
+    from support import run_oneshot
     from transformers import AutoModelForCausalLM
 
     quip = QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore=["re:.*lm_head"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 from transformers import LlamaForCausalLM
 
 from svdllm_plugin.layers import SVDLinear
@@ -27,7 +28,7 @@ svd_stage:
       activations: original
 """
 RATIO = 0.2
-REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_svdllm.py"
+REFERENCE = REPO / "benchmarks" / "reference_svdllm.py"
 
 
 def load_reference():
