@@ -1,6 +1,6 @@
-"""Shared fixtures of every test folder: a tiny Llama (grouped-query attention) built in code, saved beside the
-real SmolLM2 tokenizer (oneshot reloads config and tokenizer from the model's folder). Plain
-helper functions are in the ``support`` package beside this file."""
+"""Shared fixtures of every test folder: a tiny Llama (grouped-query attention) built in code,
+saved beside the real SmolLM2 tokenizer (oneshot reloads config and tokenizer from the model's
+folder). Plain helper functions are in the ``support`` package beside this file."""
 
 from __future__ import annotations
 

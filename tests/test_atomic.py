@@ -237,3 +237,19 @@ def test_overlapping_calibration_windows_are_reported(tokenizer):
     finally:
         logger.remove(sink)
     assert len(messages) == 1 and "the windows overlap" in messages[0] and "give more text" in messages[0]
+
+
+def test_saving_twice_with_overwrite_replaces_atomically(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_output_dir(target) as tmp:
+        (tmp / "config.json").write_text('{"svdllm": {}}')  # ours: --overwrite may replace it
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target, overwrite=True) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash mid-save")
+    assert (target / "a").read_text() == "1" and os.listdir(tmp_path) == ["ckpt"]
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('{"svdllm": {}}')
+        (tmp / "a").write_text("2")
+    assert (target / "a").read_text() == "2" and os.listdir(tmp_path) == ["ckpt"]

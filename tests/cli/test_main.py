@@ -1,5 +1,5 @@
-"""The `svdllm` command as a user runs it, in fresh processes: help and argument errors in well
-under 2 s, modifiers registered by `import svdllm_plugin`, a compress killed with SIGKILL during
+"""The `svdllm` command as a user runs it, in fresh processes: help and argument errors without
+importing torch, modifiers registered by `import svdllm_plugin`, a compress killed with SIGKILL during
 its save cleaned up by the next run, and a stdout that carries only results."""
 
 from __future__ import annotations
@@ -42,18 +42,17 @@ def svdllm(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProces
     )
 
 
-def test_help_and_argument_errors_are_fast(tmp_path):
-    """15 s before (llmcompressor was imported for --help); the bound leaves room for a busy machine."""
+def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
+    """Help and argument errors answer before torch, transformers or llmcompressor are imported (an
+    import of llmcompressor for --help once cost 15 s): the right exit code and stream, and the
+    CLI module itself loads none of them."""
     for argv, code in (
         (["--help"], 0),
         (["compress", "--help"], 0),
         (["compress", "--eval-windows", "-1"], 2),
     ):
-        start = time.perf_counter()
         result = svdllm(*argv, cwd=tmp_path)
-        seconds = time.perf_counter() - start
         assert result.returncode == code, result.stderr
-        assert seconds < 5, f"svdllm {' '.join(argv)} took {seconds:.1f} s"
         if code == 0:
             assert result.stdout.startswith("usage: svdllm") and result.stderr == ""
         else:

@@ -15,6 +15,15 @@ svd_stage:
 """
 
 
+def svd_recipe(folder: Path, **settings) -> str:
+    """The path of a recipe file written into ``folder``: one SVDLLMModifier with ``settings``
+    (ratio 0.3 unless given)."""
+    lines = "".join(f"      {k}: {v}\n" for k, v in {"ratio": 0.3, **settings}.items())
+    path = folder / "recipe.yaml"
+    path.write_text(f"svd_stage:\n  svd_modifiers:\n    SVDLLMModifier:\n{lines}")
+    return str(path)
+
+
 def run_oneshot(model, calib, recipe):
     """llmcompressor's oneshot over all of ``calib`` at its own sequence length."""
     from llmcompressor import oneshot

@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed_extra.py's job-agreement tests (``torchrun --nproc-per-node 2``).
+"""One rank of tests/test_distributed.py's job-agreement tests (``torchrun --nproc-per-node 2``).
 
 Usage: ``distributed_jobs_worker.py CASE``: ``fail`` (rank 1's decompositions raise) or ``disagree``
 (rank 1 has one more module ready). Prints ``RESULT <what decompose_on_owners raised, or ok>``.

@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py, started by ``torchrun --nproc-per-node 2``.
+"""One rank of tests/test_distributed.py's factor tests, started by ``torchrun --nproc-per-node 2``.
 
 Usage: ``distributed_worker.py MODEL_DIR OUT_DIR CASES_JSON``. For each case
 ``{key: SVDLLMModifier settings}``: calibrate on this rank's share of the 8 x 32 calibration samples, save

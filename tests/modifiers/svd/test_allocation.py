@@ -1,5 +1,5 @@
-"""SVD-LLM V2's published allocation, the global allocation by absolute loss, Fisher row
-weighting combined with whitening."""
+"""Rank allocation (allocation.py): by loss, by sensitivity, SVD-LLM V2's published formula, the
+global allocation by absolute loss; and the Fisher row weights (FWSVD) combined with whitening."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from support import run_oneshot
 
 from svdllm_plugin.layers import factorized_ranks
 from svdllm_plugin.modifiers.svd import SVDLLMModifier
-from svdllm_plugin.modifiers.svd.allocation import Matrix, allocate_global, allocate_v2
+from svdllm_plugin.modifiers.svd.allocation import (
+    Matrix,
+    allocate_by_loss,
+    allocate_by_sensitivity,
+    allocate_global,
+    allocate_v2,
+    matrix_type,
+)
 from svdllm_plugin.modifiers.svd.decompose import params_of, truncation_loss
 
 
@@ -56,17 +63,35 @@ def test_allocations_run_and_keep_the_budget(tiny, calib, allocation):
         assert len(set(ranks.values())) > 3  # not uniform
 
 
-def test_fisher_rows_combine_with_whitening(tiny_factory, calib, tokenizer, tmp_path):
+def test_fisher_rows_combine_with_whitening(tiny_dir, calib):
+    """With row weights D (sqrt of the whole-model Fisher of the first 2 samples) the factors
+    minimise the row-weighted whitened loss ||D (W - W_u W_v) X||: lower there than the plain
+    factors', and higher in the plain loss ||(W - W_u W_v) X||, which the plain factors minimise."""
     from transformers import AutoModelForCausalLM
 
-    tiny_factory().save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    plain, weighted = (AutoModelForCausalLM.from_pretrained(tmp_path) for _ in range(2))
+    name = "model.layers.0.mlp.up_proj"  # its inputs X are the dense model's (layer 0, before q..o)
+    reference, plain, weighted = (AutoModelForCausalLM.from_pretrained(tiny_dir) for _ in range(3))
+    batches = [{k: torch.tensor([calib[i][k]]) for k in ("input_ids", "attention_mask")} for i in range(2)]
+    I = _autograd_fisher(reference, batches, [name])[name]  # (m,)
+    D = I.clamp_min(1e-12 * I.max()).sqrt()
+    inputs = []
+    hook = reference.get_submodule(name).register_forward_hook(lambda m, a, out: inputs.append(a[0][0]))
+    with torch.no_grad():
+        for sample in calib:
+            reference(torch.tensor([sample["input_ids"]]))
+    hook.remove()
+    X = torch.cat(inputs).double().T  # (n, tokens)
+    W = reference.get_submodule(name).weight.detach().double()  # (m, n)
     run_oneshot(plain, calib, SVDLLMModifier(ratio=0.4))
     run_oneshot(weighted, calib, SVDLLMModifier(ratio=0.4, row_weighting="fisher", fisher_batches=2))
-    a = plain.model.layers[0].mlp.up_proj.dense()
-    b = weighted.model.layers[0].mlp.up_proj.dense()
-    assert not torch.allclose(a, b)  # the row weights changed the truncation
+
+    def loss(model, rows: torch.Tensor) -> float:
+        E = (W - model.get_submodule(name).dense().detach().double()) @ X  # (m, tokens)
+        return float((rows[:, None] * E).pow(2).sum())
+
+    assert plain.get_submodule(name).rank == weighted.get_submodule(name).rank
+    assert loss(weighted, D) < loss(plain, D)
+    assert loss(plain, torch.ones_like(D)) < loss(weighted, torch.ones_like(D))
     with pytest.raises(ValueError, match="row_weighting"):
         SVDLLMModifier(update="output", row_weighting="fisher")
 
@@ -140,3 +165,41 @@ def test_modifier_row_weights_are_the_whole_model_fisher(tiny_dir, calib):
     for name, I in expected.items():
         row_scale = I.clamp_min(1e-12 * I.max().clamp_min(1e-30)).sqrt()
         torch.testing.assert_close(modifier._row_scale[name], row_scale, rtol=1e-4, atol=1e-12)
+
+
+def _matrices():
+    g = torch.Generator().manual_seed(5)
+    flat, steep = (
+        torch.linspace(1, 0.5, 32, dtype=torch.float64),
+        torch.logspace(0, -4, 32, dtype=torch.float64),
+    )
+    return [
+        Matrix("model.layers.0.mlp.up_proj", 32, 32, flat),
+        Matrix("model.layers.1.mlp.up_proj", 32, 32, steep),
+        Matrix(
+            "model.layers.0.self_attn.q_proj",
+            32,
+            32,
+            torch.rand(32, generator=g).sort(descending=True).values,
+        ),
+    ]
+
+
+def test_loss_allocation_keeps_each_type_budget_and_moves_rank_to_flat_spectra():
+    mats = _matrices()
+    uniform = {m.name: 8 for m in mats}
+    ranks = allocate_by_loss(mats, uniform)
+    assert ranks["model.layers.0.mlp.up_proj"] + ranks["model.layers.1.mlp.up_proj"] == 16
+    assert ranks["model.layers.0.mlp.up_proj"] > ranks["model.layers.1.mlp.up_proj"]
+    assert ranks["model.layers.0.self_attn.q_proj"] == 8  # alone in its type
+    assert matrix_type("model.layers.12.mlp.up_proj") == "model.layers.*.mlp.up_proj"
+
+
+def test_sensitivity_allocation_meets_target_within_one_rank_step():
+    mats = _matrices()
+    ppl = {m.name: {r: 10 + 100 * r * (i + 1) for r in (0.1, 0.3, 0.5, 0.7, 0.9)} for i, m in enumerate(mats)}
+    target = 3 * 32 * 32 // 2  # remove half of all parameters
+    ranks = allocate_by_sensitivity(mats, ppl, target)
+    removed = sum(m.m * m.n - ranks[m.name] * (m.m + m.n) for m in mats)
+    assert 0 <= removed - target < 64  # within one rank step (m + n = 64)
+    assert ranks[mats[0].name] < ranks[mats[2].name]  # the less sensitive matrix is cut more

@@ -1,4 +1,7 @@
-"""Every method and rank allocation on the tiny model, and the loss ordering theory gives."""
+"""The per-layer fit through oneshot: every method (METHODS) and update (UPDATES, ``update: output``)
+on the tiny model, their budgets and their bad settings. The plain math is in test_decompose.py."""
+
+from __future__ import annotations
 
 import pytest
 import torch
@@ -6,95 +9,8 @@ from support import run_oneshot
 
 from svdllm_plugin import SVDLLMModifier
 from svdllm_plugin.layers import factorized_ranks
-from svdllm_plugin.modifiers.svd.allocation import (
-    Matrix,
-    allocate_by_loss,
-    allocate_by_sensitivity,
-    matrix_type,
-)
-from svdllm_plugin.modifiers.svd.decompose import factorize, refit_u, whiten_cholesky
-
-
-def outlier_inputs(n=48, tokens=600, seed=0):
-    """Correlated inputs with a few large channels, as in LLM activations."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, n, generator=g, dtype=torch.float64) @ torch.randn(
-        n, tokens, generator=g, dtype=torch.float64
-    )
-    X[:4] *= 20.0
-    return X  # (n, tokens)
-
-
-def test_loss_ordering_whitened_le_activation_scaled_le_plain():
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(32, 48, generator=g, dtype=torch.float64)
-    X = outlier_inputs()
-    S = whiten_cholesky(X @ X.T)
-    s = X.abs().mean(1) ** 0.5  # ASVD abs-mean scaling, alpha 0.5
-    loss = lambda f: ((W - f.W_u @ f.W_v) @ X).pow(2).sum().item()  # noqa: E731
-    for k in (4, 12, 24):
-        whitened = loss(factorize(W, k, S))
-        scaled = loss(factorize(W, k, s))
-        plain = loss(factorize(W, k))
-        assert whitened <= scaled <= plain
-
-
-def test_row_scaling_undoes_itself():
-    W = torch.randn(16, 24, dtype=torch.float64)
-    f = factorize(W, 24, row_scale=torch.rand(16, dtype=torch.float64) + 0.5)  # full rank: exact
-    torch.testing.assert_close(f.W_u @ f.W_v, W)
-
-
-def test_refit_u_is_least_squares_optimal_on_new_inputs():
-    g = torch.Generator().manual_seed(4)
-    W = torch.randn(32, 48, generator=g, dtype=torch.float64)
-    X, X2 = outlier_inputs(seed=1), outlier_inputs(seed=2)  # whitening data, propagated data
-    S = whiten_cholesky(X @ X.T)
-    f = factorize(W, 10, S)
-    W_u = refit_u(W, f.W_v, X2 @ X2.T, damp=0.0)
-    before = ((W - f.W_u @ f.W_v) @ X2).pow(2).sum()
-    after = ((W - W_u @ f.W_v) @ X2).pow(2).sum()
-    assert after <= before
-    perturbed = W_u + 1e-3 * torch.randn_like(W_u)
-    assert after <= ((W - perturbed @ f.W_v) @ X2).pow(2).sum()
-
-
-def _matrices():
-    g = torch.Generator().manual_seed(5)
-    flat, steep = (
-        torch.linspace(1, 0.5, 32, dtype=torch.float64),
-        torch.logspace(0, -4, 32, dtype=torch.float64),
-    )
-    return [
-        Matrix("model.layers.0.mlp.up_proj", 32, 32, flat),
-        Matrix("model.layers.1.mlp.up_proj", 32, 32, steep),
-        Matrix(
-            "model.layers.0.self_attn.q_proj",
-            32,
-            32,
-            torch.rand(32, generator=g).sort(descending=True).values,
-        ),
-    ]
-
-
-def test_loss_allocation_keeps_each_type_budget_and_moves_rank_to_flat_spectra():
-    mats = _matrices()
-    uniform = {m.name: 8 for m in mats}
-    ranks = allocate_by_loss(mats, uniform)
-    assert ranks["model.layers.0.mlp.up_proj"] + ranks["model.layers.1.mlp.up_proj"] == 16
-    assert ranks["model.layers.0.mlp.up_proj"] > ranks["model.layers.1.mlp.up_proj"]
-    assert ranks["model.layers.0.self_attn.q_proj"] == 8  # alone in its type
-    assert matrix_type("model.layers.12.mlp.up_proj") == "model.layers.*.mlp.up_proj"
-
-
-def test_sensitivity_allocation_meets_target_within_one_rank_step():
-    mats = _matrices()
-    ppl = {m.name: {r: 10 + 100 * r * (i + 1) for r in (0.1, 0.3, 0.5, 0.7, 0.9)} for i, m in enumerate(mats)}
-    target = 3 * 32 * 32 // 2  # remove half of all parameters
-    ranks = allocate_by_sensitivity(mats, ppl, target)
-    removed = sum(m.m * m.n - ranks[m.name] * (m.m + m.n) for m in mats)
-    assert 0 <= removed - target < 64  # within one rank step (m + n = 64)
-    assert ranks[mats[0].name] < ranks[mats[2].name]  # the less sensitive matrix is cut more
+from svdllm_plugin.modifiers.svd.decompose import factorize, output_objective, refit_u, whiten_cholesky
+from svdllm_plugin.modifiers.svd.fit import Fit
 
 
 @pytest.mark.parametrize(
@@ -177,3 +93,90 @@ def test_fisher_rows_do_not_depend_on_the_calibration_shuffle(tiny_dir, calib):
     assert scales[0].keys() == scales[1].keys() and scales[0]
     for name, r in scales[0].items():
         torch.testing.assert_close(r, scales[1][name], rtol=1e-9, atol=0)
+
+
+# ---------------------------------------------------------------- update: output
+
+
+def spy_on_fits(monkeypatch) -> list[dict]:
+    """Records, per module, the output-matching objective of three fits from the statistics that
+    the modifier's per-layer fit (``Fit.layer``) receives."""
+    seen: list[dict] = []
+    layer = Fit.layer
+
+    def spy(fit, W, k, stats, original, *args):
+        factors, objective = layer(fit, W, k, stats, original, *args)
+        H, C, H_p = original.covariance(), stats.cross_covariance(), stats.covariance()
+        truncated = factorize(W, k, whiten_cholesky(H))
+        refit = refit_u(W, truncated.W_v, H_p)
+        seen.append(
+            dict(
+                output=output_objective(W, factors.W_u, factors.W_v, H, C, H_p),
+                truncation=output_objective(W, truncated.W_u, truncated.W_v, H, C, H_p),
+                refit=output_objective(W, refit, truncated.W_v, H, C, H_p),
+                dense=output_objective(
+                    W, W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device), H, C, H_p
+                ),
+            )
+        )
+        return factors, objective
+
+    monkeypatch.setattr(Fit, "layer", spy)
+    return seen
+
+
+@pytest.mark.parametrize("update", ["output", "output_u"])
+def test_update_output_on_a_tiny_model_is_never_worse(
+    tiny_factory, tokenizer, calib, tmp_path, update, monkeypatch
+):
+    """On real paired activations of a 3-layer model (layers >= 1 see compressed inputs):
+    the output-matching objective <= the W_u refit's and <= truncation alone's."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_factory(hidden=64, layers=3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    seen = spy_on_fits(monkeypatch)
+    modifier = SVDLLMModifier(ratio=0.4, update=update)
+    run_oneshot(model, calib, modifier)
+    assert len(seen) == 21
+    scale = max(s["truncation"] for s in seen)
+    for s in seen:
+        assert s["output"] <= s["refit"] + 1e-9 * scale
+        assert s["output"] <= s["truncation"] + 1e-9 * scale
+    later = seen[7:]  # layers 1, 2: X' differs from X
+    gain = 0.95 if update == "output" else 1.0  # the W_u-only fit gains less than the full rank-k fit
+    assert sum(s["output"] for s in later) < gain * sum(s["refit"] for s in later)
+    assert all(r["objective"] >= 0 and "rel_objective" in r for r in modifier.records)
+
+
+def test_update_option_and_its_legacy_spelling():
+    assert SVDLLMModifier(closed_form_update=True).update == "input"
+    out = SVDLLMModifier(update="output")
+    assert out.closed_form_update and out.propagates
+    again = SVDLLMModifier.model_validate(out.model_dump())
+    assert again.update == "output"
+    assert not SVDLLMModifier().propagates
+    with pytest.raises(ValueError, match="whitening methods"):
+        SVDLLMModifier(update="output", method="asvd")
+    with pytest.raises(ValueError, match="activations: original"):
+        SVDLLMModifier(update="output", activations="propagated")
+    with pytest.raises(ValueError):
+        SVDLLMModifier(update="outputs")
+
+
+def test_update_output_holds_one_layer_at_most(tiny_factory, tokenizer, calib, tmp_path):
+    """Between decoder layers nothing of a finished layer is held: no X X^T, no C, no stashed inputs;
+    only vectors and the original stream's one copy of the next layer's input (by design)."""
+    from support.factors import held_after_each_layer
+    from transformers import AutoModelForCausalLM
+
+    from svdllm_plugin.layers import SVDLinear
+
+    tiny_factory(hidden=64, layers=3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    held = held_after_each_layer(model, calib, SVDLLMModifier(ratio=0.4, update="output"))
+    vectors = sum(m.in_features + m.out_features for m in model.modules() if isinstance(m, SVDLinear))
+    stream = len(calib) * len(calib[0]["input_ids"]) * model.config.hidden_size  # N T h
+    assert len(held) == 4 and max(held) <= vectors + stream, held

@@ -1,0 +1,34 @@
+"""Two compressed folders shared by the command tests, written by `svdllm compress` with the
+recipes themselves: a float SVD-LLM checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor
+checkpoint (recipes/svd_w4.yaml), both on the hidden-256 tiny Llama with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import REPO
+
+from svdllm_plugin.cli import main
+
+RECIPES = REPO / "recipes"
+
+
+def _compressed(recipe_stem, tmp_path_factory, save_tiny) -> Path:
+    work = tmp_path_factory.mktemp(recipe_stem)
+    dense = save_tiny(work / "dense", hidden=256, max_position_embeddings=128)
+    out = work / "checkpoint"
+    recipe = RECIPES / f"{recipe_stem}.yaml"
+    argv = ["compress", "--model", str(dense), "--recipe", str(recipe), "--output", str(out)]
+    assert main([*argv, "--num-samples", "8", "--seq-len", "32", "--eval-windows", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def svd_folder(tmp_path_factory, save_tiny):
+    return _compressed("svd_llm_0.2", tmp_path_factory, save_tiny)
+
+
+@pytest.fixture(scope="session")
+def w4_folder(tmp_path_factory, save_tiny):
+    return _compressed("svd_w4", tmp_path_factory, save_tiny)
