@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from support import REPO
 from support.factors import factorize
+from support.processes import run_python
 
 from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
 from svdllm_plugin.layers import SVDLinear
@@ -181,19 +179,5 @@ else:
     raise AssertionError("an unknown runtime option was accepted")
 print("OK")
 """
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(PACKAGE.parent),
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-        OMP_NUM_THREADS="1",
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    run = run_python(["-c", script], cwd=tmp_path, pythonpath=PACKAGE.parent)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]

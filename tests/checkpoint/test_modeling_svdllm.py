@@ -11,16 +11,14 @@ compares with the plugin's own loader.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from support import REPO
 from support.factors import factorize, saved_and_reloaded
+from support.processes import run_without_plugin
 
 from svdllm_plugin.checkpoint import load_pretrained, read_safetensors, save_pretrained
 
@@ -118,29 +116,7 @@ def work(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
 @pytest.fixture(scope="module")
 def stock(work) -> dict:
     """What the blocked subprocess saw (its logits are in ``<name>-stock.pt``)."""
-    blocker = work / "blocker" / "svdllm_plugin"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('svdllm_plugin is blocked in this process')\n")
-    (work / "stock.py").write_text(STOCK_SCRIPT)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(blocker.parent),
-        HF_MODULES_CACHE=str(work / "hf_modules"),
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    run = subprocess.run(
-        [sys.executable, str(work / "stock.py"), str(work), PROMPT, str(NEW_TOKENS)],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_without_plugin(STOCK_SCRIPT, work, work, PROMPT, NEW_TOKENS)
 
 
 def test_subprocess_cannot_import_the_plugin(stock):

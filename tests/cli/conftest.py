@@ -1,6 +1,7 @@
-"""Two compressed folders shared by the command tests, written by `svdllm compress` with the
-recipes themselves: a float SVD-LLM checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor
-checkpoint (recipes/svd_w4.yaml), both on the hidden-256 tiny Llama with the SmolLM2 tokenizer."""
+"""Compressed folders shared by the command tests: `svd_dir` (the default recipe; the error
+tables) and two written by `svdllm compress` with the recipes themselves, a float SVD-LLM
+checkpoint (recipes/svd_llm_0.2.yaml) and a GPTQ W4 factor checkpoint (recipes/svd_w4.yaml), both
+on the hidden-256 tiny Llama with the SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO
+from support.cli_errors import FAST
 
 from svdllm_plugin.cli import main
 
@@ -32,3 +34,11 @@ def svd_folder(tmp_path_factory, save_tiny):
 @pytest.fixture(scope="session")
 def w4_folder(tmp_path_factory, save_tiny):
     return _compressed("svd_w4", tmp_path_factory, save_tiny)
+
+
+@pytest.fixture(scope="session")
+def svd_dir(tiny_dir, tmp_path_factory) -> Path:
+    """A compressed tiny model, written by the CLI."""
+    out = tmp_path_factory.mktemp("svd") / "svd"
+    assert main(["compress", "--model", str(tiny_dir), "--output", str(out), *FAST]) == 0
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.factors import factorize_ratio as factorize
+from support.factors import greedy
 from transformers import DynamicCache
 
 from svdllm_plugin.inference import cache_nbytes, enable_latent_kv_cache, fuse_shared_inputs
@@ -13,19 +14,6 @@ from svdllm_plugin.inference import cache_nbytes, enable_latent_kv_cache, fuse_s
 @pytest.fixture
 def tiny_svd(tiny_factory):
     return factorize(tiny_factory())  # RoPE has no hard length limit: 272 positions are fine
-
-
-def greedy(model, prompt, steps, cache):
-    """Token-by-token greedy decoding; returns (tokens, logits of every step)."""
-    tokens, logits = prompt, []
-    with torch.no_grad():
-        out = model(prompt, past_key_values=cache, use_cache=True)
-        for _ in range(steps):
-            logits.append(out.logits[:, -1])
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
-    return tokens, torch.stack(logits, 1)
 
 
 @pytest.mark.parametrize("fold_values", [True, False])

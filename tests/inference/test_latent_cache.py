@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from support.factors import factorize_ratio
+from support.factors import factorize_ratio, greedy
 from transformers import DynamicCache
 
 from svdllm_plugin.inference import enable_latent_kv_cache
@@ -54,18 +54,6 @@ def sharp_model(config_name: str, overrides: dict, seed: int = 0):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(30.0)  # sharp attention: a wrong key changes which positions win
     return factorize_ratio(model, 0.3)
-
-
-def greedy(model, prompt, steps, cache):
-    tokens, logits = prompt, []
-    with torch.no_grad():
-        out = model(prompt, past_key_values=cache, use_cache=True)
-        for _ in range(steps):
-            logits.append(out.logits[:, -1])
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
-    return tokens, torch.stack(logits, 1)
 
 
 def test_every_supported_attention_is_tested():

@@ -106,3 +106,16 @@ def held_after_each_layer(model: nn.Module, calib, modifier) -> list[int]:
     finally:
         cls.on_sequential_epoch_end = epoch_end
     return held
+
+
+def greedy(model, prompt, steps, cache):
+    """Token-by-token greedy decoding; returns (tokens, logits of every step)."""
+    tokens, logits = prompt, []
+    with torch.no_grad():
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            logits.append(out.logits[:, -1])
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            out = model(nxt, past_key_values=cache, use_cache=True)
+    return tokens, torch.stack(logits, 1)

@@ -10,15 +10,13 @@ that cannot import svdllm_plugin, and check the one-line errors.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 from support import REPO
+from support.processes import run_without_plugin
 from torch import nn
 
 from svdllm_plugin.checkpoint import load_pretrained, read_safetensors, save_pretrained
@@ -240,29 +238,7 @@ def test_saved_checkpoint_reloads_with_identical_logits(compensated, request, tm
     assert torch.equal(reloaded, expected)
 
     torch.save(probe, tmp_path / "probe.pt")
-    blocker = tmp_path / "blocker" / "svdllm_plugin"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('svdllm_plugin is blocked in this process')\n")
-    (tmp_path / "stock.py").write_text(STOCK_SCRIPT)
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(blocker.parent),
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    run = subprocess.run(
-        [sys.executable, str(tmp_path / "stock.py"), str(tmp_path), name],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    stock = json.loads(lines[-1].removeprefix("RESULT "))
+    stock = run_without_plugin(STOCK_SCRIPT, tmp_path, tmp_path, name)
     assert stock["blocked"]
     if "model.layers.0.self_attn.q_proj" in compensated_ranks(compensated):
         assert stock[name] == ["base", "lowrank_l", "lowrank_r"]
