@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import REPO
+from support import REPO, run_oneshot
 from torch import nn
 
 from svdllm_plugin.layers import SVDLinear, factorized_ranks
@@ -57,7 +57,6 @@ def fast_recipe(path: Path, folder: Path) -> str:
 
 def compress_tiny(dense: Path, recipe: str, calib):
     """The tiny model from ``dense`` after oneshot with ``recipe`` (a path or YAML text)."""
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
     import svdllm_plugin  # noqa: F401  (registers the modifiers)
@@ -72,13 +71,7 @@ def compress_tiny(dense: Path, recipe: str, calib):
         _, modifiers = load_recipe(recipe)
         check_against_model(modifiers, model)
         before = model_snapshot(model)
-    oneshot(
-        model=model,
-        dataset=calib,
-        recipe=recipe,
-        num_calibration_samples=len(calib),
-        max_seq_length=len(calib[0]["input_ids"]),
-    )
+    run_oneshot(model, calib, recipe)
     if checked:
         check_applied(modifiers, model, before)
     return model.eval()

@@ -24,8 +24,9 @@ def svd_recipe(folder: Path, **settings) -> str:
     return str(path)
 
 
-def run_oneshot(model, calib, recipe):
-    """llmcompressor's oneshot over all of ``calib`` at its own sequence length."""
+def run_oneshot(model, calib, recipe, **kwargs):
+    """llmcompressor's oneshot over all of ``calib`` at its own sequence length (``kwargs``: more of
+    oneshot's arguments, e.g. ``pipeline``)."""
     from llmcompressor import oneshot
 
     import svdllm_plugin  # noqa: F401
@@ -36,5 +37,6 @@ def run_oneshot(model, calib, recipe):
         recipe=recipe,
         num_calibration_samples=len(calib),
         max_seq_length=len(calib[0]["input_ids"]),
+        **kwargs,
     )
     return model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llmcompressor import oneshot
+from support import run_oneshot
 
 from svdllm_plugin.layers import SVDLinear
 from svdllm_plugin.modifiers.svd import FactorRefitModifier, SVDLLMModifier
@@ -18,29 +18,18 @@ def gptq(target: str, group_size: int = 16, bits: int = 3):
     return GPTQModifier(config_groups={"g": dict(targets=[target], weights=weights)}, ignore=["re:.*lm_head"])
 
 
-def run(model, calib, recipe, **kwargs):
-    oneshot(
-        model=model,
-        dataset=calib,
-        recipe=recipe,
-        num_calibration_samples=len(calib),
-        max_seq_length=len(calib[0]["input_ids"]),
-        **kwargs,
-    )
-
-
 def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib, tmp_path):
-    run(tiny, calib, [SVDLLMModifier(ratio=0.4, rank_multiple=16)])
+    run_oneshot(tiny, calib, [SVDLLMModifier(ratio=0.4, rank_multiple=16)])
     layer = tiny.model.layers[1].mlp.gate_proj
     W_u0 = layer.svd_u.weight.detach().clone()
     refit = FactorRefitModifier()
-    run(tiny, calib, [gptq("re:.*svd_v$"), refit], pipeline="sequential")
+    run_oneshot(tiny, calib, [gptq("re:.*svd_v$"), refit], pipeline="sequential")
     gains = refit.gains
     assert len(gains) == 14
     assert all(g["after"] <= g["before"] for g in gains)
     assert sum(g["after"] for g in gains) < 0.9 * sum(g["before"] for g in gains)
     assert not torch.equal(layer.svd_u.weight, W_u0)  # W_u was rewritten
-    run(tiny, calib, [gptq("re:.*svd_u$")])
+    run_oneshot(tiny, calib, [gptq("re:.*svd_u$")])
     for module in tiny.modules():
         if isinstance(module, SVDLinear):
             assert module.svd_u.quantization_scheme is not None
@@ -55,7 +44,7 @@ def test_refit_between_the_two_gptq_passes_lowers_the_output_error(tiny, calib, 
 
 def test_refit_needs_factorized_layers(tiny, calib):
     with pytest.raises(ValueError, match="no SVDLinear"):
-        run(tiny, calib, [FactorRefitModifier()])
+        run_oneshot(tiny, calib, [FactorRefitModifier()])
 
 
 def test_sigma_auto_puts_sigma_on_svd_v_when_the_factors_are_quantized(
@@ -68,11 +57,11 @@ def test_sigma_auto_puts_sigma_on_svd_v_when_the_factors_are_quantized(
     tiny_factory().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     alone = SVDLLMModifier(ratio=0.4, rank_multiple=16)
-    run(AutoModelForCausalLM.from_pretrained(tmp_path), calib, [alone])
+    run_oneshot(AutoModelForCausalLM.from_pretrained(tmp_path), calib, [alone])
     assert alone.sigma == "auto" and alone.fit.sigma == "split"
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     stacked = SVDLLMModifier(ratio=0.4, rank_multiple=16)
-    run(model, calib, [stacked, gptq("Linear", bits=8)])
+    run_oneshot(model, calib, [stacked, gptq("Linear", bits=8)])
     assert stacked.fit.sigma == "v" and stacked.fit.rotate and not alone.fit.rotate
     W_u = model.model.layers[0].mlp.up_proj.svd_u.weight.double()
     gram = W_u.T @ W_u  # ~ I up to 8-bit rounding
