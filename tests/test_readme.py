@@ -8,6 +8,7 @@ import shlex
 import shutil
 
 import pytest
+import torch
 from support import REPO
 
 from svdllm_plugin.cli import build_parser
@@ -48,10 +49,15 @@ def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib,
         save_pretrained(factorize_ratio(tiny_factory()), folder, tokenizer)
     namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib, "path": str(tiny_dir)}
     exec(compile(code, "README.md or docs", "exec"), namespace)
-    if "save_pretrained" in code:
+    if "save_pretrained" in code:  # the folder holds the model the block compressed
         from svdllm_plugin.checkpoint import load_pretrained
+        from svdllm_plugin.layers import factorized_ranks
 
-        assert load_pretrained(tmp_path / "out") is not None
+        saved, model = load_pretrained(tmp_path / "out"), namespace["model"]
+        assert factorized_ranks(saved) == factorized_ranks(model) and factorized_ranks(saved)
+        ids = torch.tensor(calib[:1]["input_ids"])
+        with torch.no_grad():
+            torch.testing.assert_close(saved(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("text", YAML, ids=[f"yaml-{i}" for i in range(len(YAML))])
