@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny Llama (grouped-query attention) built in code, saved beside the
-real SmolLM2 tokenizer (oneshot reloads config and tokenizer from the model's folder)."""
+"""Shared fixtures of every test folder: a tiny Llama (grouped-query attention) built in code,
+saved beside the real SmolLM2 tokenizer (oneshot reloads config and tokenizer from the model's
+folder). Plain helper functions are in the ``support`` package beside this file."""
 
 from __future__ import annotations
 
@@ -12,13 +13,6 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-RECIPE_SVD = """
-svd_stage:
-  svd_modifiers:
-    SVDLLMModifier:
-      ratio: {ratio}
-"""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -108,21 +102,6 @@ def tiny(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_dir)
-
-
-def run_oneshot(model, calib, recipe):
-    from llmcompressor import oneshot
-
-    import svdllm_plugin  # noqa: F401
-
-    oneshot(
-        model=model,
-        dataset=calib,
-        recipe=recipe,
-        num_calibration_samples=len(calib),
-        max_seq_length=len(calib[0]["input_ids"]),
-    )
-    return model
 
 
 @pytest.fixture(autouse=True, scope="session")

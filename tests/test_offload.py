@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_oneshot
+from support import REPO, run_oneshot
 
 from svdllm_plugin.layers import SVDLinear
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = REPO / "recipes"
 SVD = {"ratio": 0.4, "rank_multiple": 64, "ignore": ["re:.*lm_head"]}  # as in the recipes below
 # factors comparable across recipes with and without GPTQ (quantized recipes default to v + rotation)
 SVD_FIXED_BASIS = {"sigma": "split", "rotation": "none"}

@@ -6,15 +6,15 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-from pathlib import Path
 
 import pytest
+import torch
+from support import REPO
 
 from svdllm_plugin.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-TEXT = {page.relative_to(ROOT).as_posix(): page.read_text() for page in PAGES}
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+TEXT = {page.relative_to(REPO).as_posix(): page.read_text() for page in PAGES}
 
 
 def blocks(language: str) -> list[str]:
@@ -38,10 +38,10 @@ def test_readme_has_blocks_of_each_kind():
 def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib, tmp_path, monkeypatch):
     """Names the block uses without defining (model, tokenizer, ds) are a tiny model and data;
     it runs in a scratch folder holding a copy of recipes/, so its relative paths resolve."""
-    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    shutil.copytree(REPO / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
     if "outputs/smollm2-svdllm-0.2" in code:  # what `make run` writes; a tiny stand-in here
-        from factor_helpers import factorize_ratio
+        from support.factors import factorize_ratio
 
         from svdllm_plugin.checkpoint import save_pretrained
 
@@ -49,10 +49,15 @@ def test_python_block_runs(code, tiny, tiny_dir, tiny_factory, tokenizer, calib,
         save_pretrained(factorize_ratio(tiny_factory()), folder, tokenizer)
     namespace = {"model": tiny, "tokenizer": tokenizer, "ds": calib, "path": str(tiny_dir)}
     exec(compile(code, "README.md or docs", "exec"), namespace)
-    if "save_pretrained" in code:
+    if "save_pretrained" in code:  # the folder holds the model the block compressed
         from svdllm_plugin.checkpoint import load_pretrained
+        from svdllm_plugin.layers import factorized_ranks
 
-        assert load_pretrained(tmp_path / "out") is not None
+        saved, model = load_pretrained(tmp_path / "out"), namespace["model"]
+        assert factorized_ranks(saved) == factorized_ranks(model) and factorized_ranks(saved)
+        ids = torch.tensor(calib[:1]["input_ids"])
+        with torch.no_grad():
+            torch.testing.assert_close(saved(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("text", YAML, ids=[f"yaml-{i}" for i in range(len(YAML))])
@@ -81,6 +86,6 @@ def test_readme_is_short_and_links_resolve():
     """README stays an entry page; every relative link of README and docs points to a file."""
     assert len(TEXT["README.md"].splitlines()) <= 300
     for name, text in TEXT.items():
-        base = (ROOT / name).parent
+        base = (REPO / name).parent
         for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
             assert (base / target).exists(), f"{name} links to missing {target}"

@@ -1,4 +1,4 @@
-"""The byte-budget search (`svdllm compress --target-bits / --target-size`) and the held-out splits.
+"""The byte-budget search (`svdllm compress --target-bits / --target-size`); its splits: tests/data/.
 
 Bad budgets fail in one line before any weights load and leave nothing behind; the search never
 writes a model over budget, even when a candidate's predicted size is wrong.
@@ -97,17 +97,3 @@ def test_search_by_size_through_the_cli(tiny_dir, tmp_path, capsys):
     assert "chosen" in text and "validation ppl" in text and "test split" in text
     config = json.loads((out / "config.json").read_text())
     assert config["svdllm"]["size"]["safetensors_bytes"] <= 6_330_000
-
-
-def test_held_out_splits_are_disjoint(tokenizer):
-    from svdllm_plugin.data import held_out_splits, load_text, other_domain_text, spread_splits
-
-    held = held_out_splits(tokenizer, load_text(None, "evaluation"), 64, 8)
-    other = spread_splits(tokenizer, other_domain_text(), 64, 8)
-    for splits in (held, other):
-        assert splits["validation"].shape == splits["test"].shape == (8, 64)
-        rows = {tuple(r.tolist()) for s in splits.values() for r in s}
-        assert len(rows) == 16  # no window in both
-    calibration = load_text(None, "calibration")  # other modules of the standard library
-    test_text = tokenizer.decode(held["test"][0])
-    assert test_text[:200] not in calibration

@@ -44,7 +44,7 @@ def _check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, tiny_factory, tokenizer) -> Path:
-    from factor_helpers import factorize
+    from support.factors import factorize
 
     from svdllm_plugin.checkpoint import save_pretrained
 

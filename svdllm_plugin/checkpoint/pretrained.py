@@ -145,36 +145,32 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, **kwargs):
     return model
 
 
-def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace the named Linears by (uninitialised) SVDLinear of the given ranks."""
+def _replace_linears(model: nn.Module, ranks: dict[str, int], role: str, build) -> None:
+    """Replace each named Linear by ``build(linear, rank)``; a name that is no Linear is an error."""
     for name, k in ranks.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"checkpoint names {name} as factorized but the model has {type(linear).__name__}"
-            )
-        W = linear.weight
-        layer = SVDLinear(
-            linear.in_features,
-            linear.out_features,
-            k,
-            bias=linear.bias is not None,
-            device=W.device,
-            dtype=W.dtype,
-        )
-        replace_module(model, name, layer)
+            raise ValueError(f"checkpoint names {name} as {role} but the model has {type(linear).__name__}")
+        replace_module(model, name, build(linear, k))
+
+
+def factorize_structure(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace the named Linears by (uninitialised) SVDLinear of the given ranks."""
+
+    def build(linear: nn.Linear, k: int) -> SVDLinear:
+        m, n, W = linear.out_features, linear.in_features, linear.weight
+        return SVDLinear(n, m, k, bias=linear.bias is not None, device=W.device, dtype=W.dtype)
+
+    _replace_linears(model, ranks, "factorized", build)
 
 
 def compensate_structure(model: nn.Module, ranks: dict[str, int]) -> None:
     """Wrap the named Linears as (uninitialised) CompensatedLinear of the given ranks."""
-    for name, r in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(
-                f"checkpoint names {name} as compensated but the model has {type(linear).__name__}"
-            )
-        W = linear.weight
-        replace_module(model, name, CompensatedLinear(linear, r, device=W.device, dtype=W.dtype))
+
+    def build(linear: nn.Linear, r: int) -> CompensatedLinear:
+        return CompensatedLinear(linear, r, device=linear.weight.device, dtype=linear.weight.dtype)
+
+    _replace_linears(model, ranks, "compensated", build)
 
 
 def _load_dense_weights(model: nn.Module, folder: Path) -> None:

@@ -66,7 +66,7 @@ def latent_layers(model: nn.Module) -> dict[int, tuple[bool, bool]]:
 
 # Attention classes whose keys are exactly RoPE(k_proj(x)) through their module's own
 # ``apply_rotary_pos_emb`` (Cohere's is interleaved), or k_proj(x) on SmolLM3's no-RoPE layers
-# (``use_rope`` False). Each is checked with sharp attention in tests/test_latent_cache_archs.py;
+# (``use_rope`` False). Each is checked with sharp attention in tests/inference/test_latent_cache.py;
 # anything else (q/k norms, partial rotary, clipped qkv, other RoPE layouts) is refused.
 SUPPORTED_ATTENTION = frozenset(
     {
