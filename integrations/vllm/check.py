@@ -139,7 +139,7 @@ def serve(folder: str, impl: str, tp: int) -> dict:
     try:
         llm = _llm(folder, impl, tp)
     except Exception as error:  # a refusal is a result (packed folders on a device without a kernel)
-        return {"refused": f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"}
+        return {"refused": f"{type(error).__name__}: {str(error)[:1000]}"}  # as raised: one line or not
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
