@@ -99,10 +99,11 @@ def check_vllm_kernels(config) -> None:
     formats = {quantization.get("format"), *(group.get("format") for group in groups)}
     if "pack-quantized" not in formats:
         return
-    import torch
-    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C; only called from inside vLLM)
-    from vllm.platforms import current_platform
-
+    # __import__, not import statements: transformers lists a remote-code file's imports as packages
+    # every folder needs, and stock loading must not need vLLM (here vLLM is already loaded)
+    torch = __import__("torch")
+    __import__("vllm._custom_ops")  # loads torch.ops._C
+    current_platform = __import__("vllm.platforms", fromlist=["current_platform"]).current_platform
     if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
         raise ValueError(
             "this vLLM CPU build lacks the W4A16 kernel (torch.ops._C.cpu_gemm_wna16) that a packed "
