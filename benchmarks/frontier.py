@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, markdown, run_recipe, save, setup
-from stack_points import label, select_on_validation
+from stack_points import label as point_label
+from stack_points import select_on_validation
 
 from svdllm_plugin.checkpoint import save_pretrained
 
@@ -204,8 +205,18 @@ def honest(bench, args) -> None:
 
 
 SELECT_COLUMNS = [
-    "budget", "budget_MB", "budget_test", "budget_other_test", "tried",
-    "chosen", "MB", "bits", "val", "test", "other_test", "wins",
+    "budget",
+    "budget_MB",
+    "budget_test",
+    "budget_other_test",
+    "tried",
+    "chosen",
+    "MB",
+    "bits",
+    "val",
+    "test",
+    "other_test",
+    "wins",
 ]
 
 
@@ -227,9 +238,11 @@ def plot_honest(rows: list[dict], picks: list[dict], name: str) -> None:
             pts = sorted((r["bits"], r[key]) for r in rows if r["family"] == fam)
             ax.plot(*zip(*pts), marker, label=fam)
         for r in rows:
-            ax.annotate(label(r), (r["bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                point_label(r), (r["bits"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
         for p in picks:
-            base = next(r for r in rows if label(r) == p["budget"]) if p["budget_test"] < 1e4 else None
+            base = next(r for r in rows if point_label(r) == p["budget"]) if p["budget_test"] < 1e4 else None
             if base is not None and p.get("chosen") and p[pick_key] < p["budget_" + pick_key]:
                 ax.plot([base["bits"]], [base[key]], "o", mfc="none", mec="red", ms=12)
         ax.set_yscale("log")

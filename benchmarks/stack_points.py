@@ -128,11 +128,23 @@ def select_on_validation(rows: list[dict]) -> list[dict]:
     for base in sorted((r for r in ok if plain_gptq(r)), key=lambda r: -r["wbits"]):
         rivals = [r for r in ok if not plain_gptq(r) and r["MB"] <= base["MB"]]
         pick = min(rivals, key=lambda r: r["ppl_val"], default=None)
-        entry = dict(budget=label(base), budget_MB=base["MB"], budget_test=base["ppl_test"],
-                     budget_other_test=base["ppl_other_test"], tried=len(rivals))
+        entry = dict(
+            budget=label(base),
+            budget_MB=base["MB"],
+            budget_test=base["ppl_test"],
+            budget_other_test=base["ppl_other_test"],
+            tried=len(rivals),
+        )
         if pick is not None:
-            entry.update(chosen=label(pick), MB=pick["MB"], bits=pick["bits"], val=pick["ppl_val"],
-                         test=pick["ppl_test"], other_test=pick["ppl_other_test"],
-                         wins=pick["ppl_test"] < base["ppl_test"] and pick["ppl_other_test"] < base["ppl_other_test"])
+            wins = pick["ppl_test"] < base["ppl_test"] and pick["ppl_other_test"] < base["ppl_other_test"]
+            entry.update(
+                chosen=label(pick),
+                MB=pick["MB"],
+                bits=pick["bits"],
+                val=pick["ppl_val"],
+                test=pick["ppl_test"],
+                other_test=pick["ppl_other_test"],
+                wins=wins,
+            )
         picks.append(entry)
     return picks

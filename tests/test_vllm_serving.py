@@ -82,7 +82,7 @@ def test_native_and_transformers_backend_give_transformers_tokens(folder, tp):
 @pytest.fixture(scope="module")
 def w4_folder(tmp_path_factory, tiny_factory, tokenizer, calib) -> Path:
     from conftest import run_oneshot
-    from factor_helpers import saved_and_reloaded
+    from support.factors import saved_and_reloaded
 
     from svdllm_plugin.checkpoint import load_pretrained, save_pretrained
 
