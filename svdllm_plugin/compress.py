@@ -218,6 +218,21 @@ def pass_settings(modifiers) -> dict:
     return dict(propagate_error=not single_pass(modifiers), pipeline=pipeline_for(modifiers))
 
 
+def run_recipe(model, tokenizer, calib, recipe_text: str, modifiers, seq_len: int) -> None:
+    """llmcompressor's oneshot of ``recipe_text`` on ``model`` in place, calibrated on ``calib``."""
+    from llmcompressor import oneshot
+
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=calib,
+        recipe=recipe_text,
+        num_calibration_samples=len(calib),
+        max_seq_length=seq_len,
+        **pass_settings(modifiers),
+    )
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(targeted dense params, targeted factor params, whole-model params)."""
     from svdllm_plugin.modifiers.svd.decompose import params_of
@@ -298,18 +313,8 @@ def compress(
     model_obj.to("cpu")
     check_against_model(modifiers, model_obj)  # patterns that match nothing, before calibration
     snapshot = model_snapshot(model_obj)
-    from llmcompressor import oneshot
-
     logger.info("Calibrating on {} samples x {} tokens", num_samples, seq_len)
-    oneshot(
-        model=model_obj,
-        processor=tokenizer,
-        dataset=calib,
-        recipe=recipe_text,
-        num_calibration_samples=len(calib),
-        max_seq_length=seq_len,
-        **pass_settings(modifiers),
-    )
+    run_recipe(model_obj, tokenizer, calib, recipe_text, modifiers, seq_len)
     check_applied(modifiers, model_obj, snapshot)  # a modifier that did nothing: refuse to save
     if windows is not None:
         report.ppl_after = perplexity(model_obj.to(device), windows, desc="Perplexity after")

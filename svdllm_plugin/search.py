@@ -104,7 +104,6 @@ def search(
     calib = calibration_dataset(tokenizer, calib_text, num_samples, seq_len, seed=seed)
     held = held_out_splits(tokenizer, eval_text, seq_len, eval_windows)
     other_test = job._other_domain_windows(tokenizer, seq_len, eval_windows, "test")
-    from llmcompressor import oneshot
     from tqdm import tqdm
 
     best, best_model = None, None
@@ -114,15 +113,7 @@ def search(
             candidate_model = copy.deepcopy(base)
             text = t.candidate.recipe()
             try:
-                oneshot(
-                    model=candidate_model,
-                    processor=tokenizer,
-                    dataset=calib,
-                    recipe=text,
-                    num_calibration_samples=len(calib),
-                    max_seq_length=seq_len,
-                    **job.pass_settings(_parse(text)),
-                )
+                job.run_recipe(candidate_model, tokenizer, calib, text, _parse(text), seq_len)
                 folder = save_pretrained(
                     candidate_model, Path(tmp) / f"c{i}", save_dtype=save_dtype, recipe=text
                 )
