@@ -11,6 +11,7 @@ all points. Writes benchmarks/results/frontier.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -96,7 +97,16 @@ def main() -> None:
         help="the honest frontier (stack_points.py): bf16 checkpoints, bits per decoder-Linear weight, "
         "validation and test perplexities in and out of domain; e.g. W4 Q+W3 S0.2b+W4 W2+C32",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the table, the choice on validation and the plot from results/NAME.json (the points "
+        "that finished) without running anything",
+    )
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        return report_honest(saved["rows"], saved["args"], args.name)
 
     bench = setup(args.model, args.num_samples, args.seq_len, args.eval_windows)
     if args.points is not None:
@@ -194,14 +204,19 @@ def honest(bench, args) -> None:
             rows.append(dict(point=spec, error=str(error).splitlines()[0][:200]))
         print(markdown(rows[-1:], HONEST_COLUMNS + ["error"]), flush=True)
         save(args.name, dict(args=vars(args), rows=rows))
+    report_honest(rows, vars(args), args.name)
+
+
+def report_honest(rows: list[dict], args: dict, name: str) -> None:
+    """The table of every point, the stack chosen on validation for each GPTQ point, the plot."""
     table = markdown(rows, HONEST_COLUMNS + (["error"] if any("error" in r for r in rows) else []))
     picks = select_on_validation(rows)
     chosen = markdown(picks, SELECT_COLUMNS)
     print(table + "\n\n" + chosen)
-    save(args.name, dict(args=vars(args), rows=rows, selection=picks)).with_suffix(".md").write_text(
+    save(name, dict(args=args, rows=rows, selection=picks)).with_suffix(".md").write_text(
         table + "\n\nChosen on validation, reported on test:\n\n" + chosen + "\n"
     )
-    plot_honest([r for r in rows if "error" not in r], picks, args.name)
+    plot_honest([r for r in rows if "error" not in r], picks, name)
 
 
 SELECT_COLUMNS = [
